@@ -1,0 +1,1 @@
+"""The reward side: scorers (a registry) and the FastAPI service that serves them."""

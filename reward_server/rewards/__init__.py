@@ -1,0 +1,30 @@
+"""The registry of rewards. Importing this package registers the built-in ones.
+
+Heavy rewards (aesthetic, VLM) keep their model imports inside their constructors, so listing
+names stays cheap.
+"""
+
+from reward_server.rewards import jpeg  # noqa: F401  (registers the JPEG rewards)
+from reward_server.rewards.base import (
+    REWARD_REGISTRY,
+    RewardOutput,
+    Scorer,
+    ScoringError,
+    UnknownRewardError,
+    build_scorer,
+    get_reward_class,
+    register_reward,
+    reward_names,
+)
+
+__all__ = [
+    "REWARD_REGISTRY",
+    "RewardOutput",
+    "Scorer",
+    "ScoringError",
+    "UnknownRewardError",
+    "build_scorer",
+    "get_reward_class",
+    "register_reward",
+    "reward_names",
+]

@@ -1,0 +1,1 @@
+"""Wire schemas and codecs shared by the trainer and the reward server (HTTP and Redis alike)."""

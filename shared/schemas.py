@@ -1,0 +1,89 @@
+"""The wire schemas: one module, imported by both sides of every transport (HTTP and Redis).
+
+The contract is fixed in the team's design notes: JSON in and out, never pickle; every request
+carries a ``request_id`` so that a retry of the same id never double-counts a sample; results are
+in the same order as the request.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_REQUEST_ID_LENGTH = 200
+
+
+class ScoreRequest(BaseModel):
+    """Score a batch of images. ``POST /score`` body, and the payload of a Redis job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(
+        min_length=1,
+        max_length=MAX_REQUEST_ID_LENGTH,
+        description="Caller-chosen id; retrying the same id must not double-count a sample.",
+    )
+    reward: str = Field(min_length=1, description="Name of the reward, one of `GET /rewards`.")
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded PNG images, RGB uint8 (lossless on purpose)."
+    )
+    prompts: list[str] = Field(description="One prompt per image, same order.")
+    metadata: list[dict[str, Any]] | None = Field(
+        default=None, description="Optional per-image metadata (e.g. VQA questions), same order."
+    )
+
+    @model_validator(mode="after")
+    def _counts_match(self) -> ScoreRequest:
+        if len(self.prompts) != len(self.images):
+            raise ValueError(
+                f"prompts and images must have the same length, got {len(self.prompts)} prompts "
+                f"for {len(self.images)} images"
+            )
+        if self.metadata is not None and len(self.metadata) != len(self.images):
+            raise ValueError(
+                f"metadata must have one entry per image, got {len(self.metadata)} for "
+                f"{len(self.images)} images"
+            )
+        return self
+
+
+class ScoreResponse(BaseModel):
+    """``POST /score`` answer: one reward and one details object per image, request order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    reward: str
+    rewards: list[float]
+    details: list[dict[str, Any]]
+
+    @field_validator("rewards")
+    @classmethod
+    def _finite(cls, rewards: list[float]) -> list[float]:
+        # NaN/inf never leaves the server: it would poison the trainer's normalization.
+        bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+        if bad:
+            raise ValueError(f"non-finite rewards at positions {bad}")
+        return rewards
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ScoreResponse:
+        if len(self.details) != len(self.rewards):
+            raise ValueError("details and rewards must have the same length")
+        return self
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server returns: a machine-readable ``error`` code and a human ``reason``."""
+
+    error: str = Field(description="Short code, e.g. 'unknown_reward', 'unauthorized', 'overloaded'.")
+    reason: str = Field(description="What was wrong, for a person to read.")
+    request_id: str | None = None
+
+
+class RewardList(BaseModel):
+    """``GET /rewards``: the reward names this server can compute."""
+
+    rewards: list[str]

@@ -1,0 +1,110 @@
+"""The trainer's only view of rewards: submit a batch, get a future of its rewards.
+
+The trainer submits each batch as soon as it is decoded and keeps sampling; it waits on the
+futures only when the epoch's update needs them. Transports (in-process, HTTP, Redis) are
+registered by name in ``REWARD_TRANSPORTS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RewardResult:
+    """Rewards of one submitted batch, request order, plus per-sample details for the run log."""
+
+    rewards: np.ndarray  # float64, shape (batch,)
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RewardClient(ABC):
+    """Submit batches of uint8 RGB images for scoring; results arrive as futures."""
+
+    @abstractmethod
+    def submit(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Future[RewardResult]:
+        """Start scoring ``images`` (B,H,W,3 uint8); returns at once."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release threads, connections, pools."""
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_images(images: np.ndarray, prompts: Sequence[str]) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected (B,H,W,3) uint8 images, got shape {images.shape} dtype {images.dtype}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+
+
+class LocalRewardClient(RewardClient):
+    """Scores in this process, on a background thread (so sampling still overlaps with it)."""
+
+    def __init__(self, reward: str, settings: Any = None):
+        from reward_server.rewards import build_scorer
+
+        self.reward = reward
+        self.scorer = build_scorer(reward, settings)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    def _score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardResult:
+        outputs = self.scorer.score(list(images), prompts, metadata)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"scorer {self.reward!r} returned {len(outputs)} results for {len(prompts)}")
+        rewards = np.array([o.reward for o in outputs], dtype=np.float64)
+        if not np.all(np.isfinite(rewards)):
+            raise RuntimeError(f"scorer {self.reward!r} returned non-finite rewards: {rewards}")
+        return RewardResult(rewards=rewards, details=[o.details for o in outputs])
+
+    def submit(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Future[RewardResult]:
+        check_images(images, prompts)
+        meta = list(metadata) if metadata is not None else [{} for _ in prompts]
+        return self._pool.submit(self._score, images.copy(), list(prompts), meta)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+# name -> factory(reward_config) ; the transports issue adds "http" and "redis".
+REWARD_TRANSPORTS: dict[str, Callable[[Any], RewardClient]] = {
+    "local": lambda cfg: LocalRewardClient(cfg.name),
+}
+
+
+def make_reward_client(cfg: Any) -> RewardClient:
+    """Build the reward client named by ``cfg.transport`` (a ``RewardConfig``)."""
+    try:
+        factory = REWARD_TRANSPORTS[cfg.transport]
+    except KeyError:
+        raise ValueError(
+            f"reward.transport: unknown transport {cfg.transport!r}; valid: {', '.join(sorted(REWARD_TRANSPORTS))}"
+        ) from None
+    return factory(cfg)
