@@ -1,0 +1,49 @@
+"""One interface for every VLM backend, and the registry that picks one by name.
+
+- ``openai``: any OpenAI-compatible chat-completions server (vLLM in production).
+- ``transformers``: an in-process ``LlavaForConditionalGeneration`` for a single box.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class VLMError(RuntimeError):
+    """The VLM could not answer (after the retry budget). Never scored as 0."""
+
+
+class VLMBackend(ABC):
+    """Answers one question per image; same order, one string each."""
+
+    @abstractmethod
+    async def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
+        """images: HxWx3 uint8 RGB arrays; questions: the text to ask about each image."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release the HTTP client / model."""
+
+
+VLM_BACKENDS: dict[str, Callable[[Any], VLMBackend]] = {}
+
+
+def register_vlm_backend(name: str) -> Callable[[Callable[[Any], VLMBackend]], Callable[[Any], VLMBackend]]:
+    """Register a factory ``settings -> VLMBackend`` under ``name``."""
+
+    def decorate(factory: Callable[[Any], VLMBackend]) -> Callable[[Any], VLMBackend]:
+        VLM_BACKENDS[name] = factory
+        return factory
+
+    return decorate
+
+
+def build_vlm_backend(name: str, settings: Any) -> VLMBackend:
+    try:
+        factory = VLM_BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown VLM backend {name!r}; valid: {', '.join(sorted(VLM_BACKENDS))}") from None
+    return factory(settings)
