@@ -18,6 +18,10 @@ class ImageDecodeError(ValueError):
     """An image on the wire is not a valid base64 PNG RGB image within the limits."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """A well-formed image with more pixels than allowed (the server answers 413, not 422)."""
+
+
 def encode_png_b64(image: np.ndarray) -> str:
     """Encode one HxWx3 uint8 image as base64 PNG text."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -42,7 +46,7 @@ def decode_png_b64(data: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                     raise ImageDecodeError(f"expected a PNG image, got {img.format}")
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise ImageDecodeError(
+                    raise ImageTooLargeError(
                         f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                     )
                 if img.mode != "RGB":

@@ -57,6 +57,12 @@ class Scorer(ABC):
     ) -> list[RewardOutput]:
         """Score a batch; same length and order as ``images``."""
 
+    def check_inputs(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:  # noqa: B027
+        """Reject malformed per-sample inputs (e.g. missing VQA questions) before any work is queued.
+
+        Raise ValueError with a reason; the server answers 422. The default accepts everything.
+        """
+
     async def ascore(
         self,
         images: Sequence[np.ndarray],
