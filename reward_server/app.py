@@ -1,0 +1,194 @@
+"""The HTTP face of the reward server: thin FastAPI routes over a ``RewardService`` built at start-up.
+
+Every error is a JSON ``ErrorResponse`` (shared/schemas.py) with a short code and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reward_server.errors import ApiError
+from reward_server.metrics import ServerMetrics
+from reward_server.service import RewardService
+from reward_server.settings import ServerSettings
+from shared.schemas import ErrorResponse, RewardList, ScoreRequest, ScoreResponse
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Unknown reward (the reason lists the valid names).",
+        401: "Missing or wrong bearer token.",
+        409: "request_id reused for a different request.",
+        413: "Body, image count or image pixels over the limits.",
+        422: "Malformed request or image.",
+        429: "Overloaded; retry after Retry-After seconds.",
+        500: "A scorer failed (reason given).",
+        502: "The VLM judge failed (reason given).",
+        503: "Not ready (models loading, load failed, or shutting down).",
+    }.items()
+}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """Build the app; scorers and batchers are created by its lifespan, once."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics()
+    service = RewardService(settings, metrics)
+    api_key = settings.api_key.encode() if settings.api_key else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background so /healthz answers (and /readyz says 503) while big models load.
+        loading = asyncio.create_task(service.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await service.close()
+
+    app = FastAPI(
+        title="ddpo-stack reward server",
+        summary="Scores images for DDPO training: JSON in and out, never pickle.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), api_key):
+            raise ApiError(401, "unauthorized", "invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        metrics.errors.labels(err.error).inc()
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("invalid_request").inc()
+        reason = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors()
+        )
+        return error_response(ApiError(422, "invalid_request", reason[:1000]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return error_response(ApiError(err.status_code, code, str(err.detail), dict(err.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        metrics.errors.labels("internal_error").inc()
+        return error_response(ApiError(500, "internal_error", f"internal error ({type(err).__name__})"))
+
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        responses=ERROR_RESPONSES,
+        summary="Score a batch of images with one reward.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ScoreRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def score(request: Request) -> Response:
+        started = time.perf_counter()
+        label = "unknown"
+        status = 500
+        try:
+            check_auth(request)
+            if not service.ready:
+                raise service.not_ready_error()
+            body = await read_body(request, settings.max_body_bytes)
+            parsed = service.parse(body)
+            if parsed.reward in service.batchers:
+                label = parsed.reward
+            response, replayed = await service.score(parsed)
+            status = 200
+            if replayed:
+                metrics.replays.labels(label).inc()
+            headers = {"Idempotent-Replay": "true"} if replayed else {}
+            return JSONResponse(response.model_dump(), headers=headers)
+        except ApiError as err:
+            status = err.status
+            raise
+        finally:
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    @app.get("/rewards", response_model=RewardList, responses={401: ERROR_RESPONSES[401]})
+    async def rewards(request: Request) -> RewardList:
+        """The reward names this server computes (enabled at start-up)."""
+        check_auth(request)
+        return RewardList(rewards=service.reward_names)
+
+    @app.get("/healthz", responses={503: ERROR_RESPONSES[503]})
+    async def healthz() -> dict[str, str]:
+        """Alive (the process answers). 503 only if loading the models failed."""
+        if service.load_error is not None:
+            raise service.not_ready_error()
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: ERROR_RESPONSES[503]})
+    async def readyz() -> dict[str, Any]:
+        """Ready to score: every enabled reward is loaded. 503 (with Retry-After) until then."""
+        if not service.ready:
+            raise service.not_ready_error()
+        return {"status": "ready", "rewards": service.reward_names}
+
+    @app.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]})
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics of this worker process."""
+        check_auth(request)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (``--factory``) for multi-worker runs: settings come from the environment."""
+    return create_app(ServerSettings())

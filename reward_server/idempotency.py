@@ -1,0 +1,100 @@
+"""Retries of the same ``request_id`` are answered once.
+
+A bounded LRU with a TTL maps request_id -> entry. While the first request is being scored, a
+retry waits for it (it does not score again); once it succeeds, retries get the stored response.
+Errors are not stored: a retry after a 429/5xx is scored afresh. A request_id reused with a
+different payload is a client bug and is refused (409).
+
+The fingerprint is cheap on purpose (hashing every image byte would cost more than the JPEG
+rewards): reward, prompts, metadata, and per image its length and last 256 base64 characters,
+which hold the CRC of the PNG's last data chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.schemas import ScoreRequest, ScoreResponse
+
+
+def fingerprint(request: ScoreRequest) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(request.reward.encode())
+    h.update(json.dumps(request.prompts).encode())
+    h.update(json.dumps(request.metadata, sort_keys=True, default=str).encode())
+    for image in request.images:
+        h.update(f"{len(image)}:".encode())
+        h.update(image[-256:].encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Entry:
+    fingerprint: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    response: ScoreResponse | None = None
+    error: BaseException | None = None
+    finished_at: float = 0.0
+
+
+class IdempotencyCache:
+    """request_id -> in-flight or finished entry; at most ``max_entries`` finished ones for ``ttl_s``."""
+
+    def __init__(self, max_entries: int, ttl_s: float, clock: Any = time.monotonic):
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, request_id: str) -> Entry | None:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        if entry.done.is_set() and self._clock() - entry.finished_at > self.ttl_s:
+            del self._entries[request_id]
+            return None
+        self._entries.move_to_end(request_id)
+        return entry
+
+    def begin(self, request_id: str, fp: str) -> Entry | None:
+        """Register an in-flight request; None when the cache is disabled."""
+        if self.max_entries == 0:
+            return None
+        entry = Entry(fingerprint=fp)
+        self._entries[request_id] = entry
+        self._entries.move_to_end(request_id)
+        return entry
+
+    def finish(self, request_id: str, entry: Entry, response: ScoreResponse) -> None:
+        entry.response = response
+        entry.finished_at = self._clock()
+        entry.done.set()
+        self._evict()
+
+    def fail(self, request_id: str, entry: Entry, error: BaseException) -> None:
+        """Wake waiters with the error and forget the id, so a later retry scores again."""
+        entry.error = error
+        entry.finished_at = self._clock()
+        entry.done.set()
+        if self._entries.get(request_id) is entry:
+            del self._entries[request_id]
+
+    def _evict(self) -> None:
+        # Only finished entries count against the bound; in-flight ones are bounded by the in-flight limits.
+        finished = [k for k, e in self._entries.items() if e.done.is_set()]
+        now = self._clock()
+        for key in finished:
+            if now - self._entries[key].finished_at > self.ttl_s:
+                del self._entries[key]
+        finished = [k for k, e in self._entries.items() if e.done.is_set()]
+        for key in finished[: max(0, len(finished) - self.max_entries)]:
+            del self._entries[key]

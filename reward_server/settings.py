@@ -1,0 +1,222 @@
+"""Every knob of the reward server, read from the environment (prefix ``DDPO_REWARD_``) or the CLI.
+
+One flat ``ServerSettings`` so that ``--help``, the environment and the docs list the same names.
+Bad values fail at start-up, not on the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CHEAP_REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]
+
+
+class BatchingOverride(BaseModel):
+    """Per-reward batching knobs; unset fields fall back to the server-wide ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, description="Largest scorer batch, in images.")
+    max_wait_ms: float | None = Field(
+        default=None, ge=0, description="How long the first queued image waits for company."
+    )
+    max_concurrent_batches: int | None = Field(default=None, ge=1, description="Scorer batches run at once.")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, 'localhost')."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it may resolve to a public interface
+
+
+class ServerSettings(BaseSettings):
+    """Reward server configuration. Environment: ``DDPO_REWARD_<FIELD>`` (lists/dicts as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPO_REWARD_", extra="forbid", validate_default=True)
+
+    # --- network and security ---------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any free port).")
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (each loads the models).")
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="Bearer token required on /score, /rewards and /metrics; unset: no auth.",
+    )
+    allow_insecure_remote: bool = Field(
+        default=False,
+        description="Allow binding a non-loopback host without an api_key (anyone reaching the port can score).",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="uvicorn/server log level."
+    )
+
+    # --- which rewards --------------------------------------------------------------------------
+    rewards: list[str] = Field(
+        default_factory=lambda: list(CHEAP_REWARDS),
+        description="Rewards to load and serve. Model-based ones (aesthetic, llava_*) must be listed explicitly.",
+    )
+
+    # --- limits (413 / 429) -----------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024, description="Largest request body, checked before parsing (413)."
+    )
+    max_images_per_request: int = Field(default=256, ge=1, description="Most images in one request (413).")
+    max_image_pixels: int = Field(
+        default=2048 * 2048, ge=1, description="Most pixels (width*height) per image, checked before decoding (413)."
+    )
+    max_inflight_requests: int = Field(
+        default=64, ge=1, description="Requests being decoded/scored at once; beyond it: 429 + Retry-After."
+    )
+    max_inflight_images: int = Field(
+        default=2048, ge=1, description="Images being decoded/scored at once; beyond it: 429 + Retry-After."
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After value (seconds) sent with 429/503.")
+
+    # --- cross-request batching ----------------------------------------------------------------
+    cross_request_batching: bool = Field(
+        default=True,
+        description="Merge concurrent requests into one scorer batch; off: one request = one batch.",
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="Largest scorer batch, in images.")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, description="How long queued images wait for more before a partial batch runs."
+    )
+    max_concurrent_batches: int = Field(
+        default=1, ge=1, description="Scorer batches of one reward running at once (raise it for remote VLMs)."
+    )
+    max_queue_images: int = Field(
+        default=1024, ge=1, description="Images waiting for a batch, per reward; beyond it: 429."
+    )
+    batching: dict[str, BatchingOverride] = Field(
+        default_factory=dict,
+        description='Per-reward overrides, e.g. {"llava_bertscore": {"max_batch_size": 64, "max_wait_ms": 20}}.',
+    )
+
+    # --- idempotency --------------------------------------------------------------------------
+    idempotency_cache_size: int = Field(
+        default=4096, ge=0, description="Recent responses kept by request_id so a retry is not re-scored (0: off)."
+    )
+    idempotency_ttl_s: float = Field(default=900.0, gt=0, description="How long a cached response is replayed.")
+
+    # --- models: shared -------------------------------------------------------------------------
+    device: str = Field(default="cpu", description="torch device for in-process models ('cpu', 'cuda', 'cuda:1').")
+
+    # --- aesthetic ------------------------------------------------------------------------------
+    aesthetic_clip_model: str = Field(
+        default="openai/clip-vit-large-patch14",
+        description="CLIP model id or local path (its vision tower + projection are used).",
+    )
+    aesthetic_mlp_path: str | None = Field(
+        default=None,
+        description="LAION aesthetic MLP weights (.safetensors, or .pth/.pt loaded with weights_only=True).",
+    )
+
+    # --- VLM judge ------------------------------------------------------------------------------
+    vlm_backend: Literal["openai", "transformers"] = Field(
+        default="openai", description="Which VLM backend answers the questions."
+    )
+    vlm_base_url: str = Field(
+        default="http://127.0.0.1:8001/v1",
+        description="OpenAI-compatible API root (the part before /chat/completions), e.g. a vLLM server.",
+    )
+    vlm_model: str = Field(
+        default="llava-hf/llava-1.5-7b-hf", description="Model name sent to the API / id or path loaded in-process."
+    )
+    vlm_api_key: str | None = Field(default=None, repr=False, description="Bearer token for the VLM API.")
+    vlm_concurrency: int = Field(default=32, ge=1, description="Most VLM calls in flight at once (per worker).")
+    vlm_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one VLM call, seconds.")
+    vlm_max_retries: int = Field(
+        default=3, ge=0, description="Retries of one VLM call on connection errors, 408, 429 and 5xx only."
+    )
+    vlm_retry_backoff_s: float = Field(
+        default=0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins if larger)."
+    )
+    vlm_question: str = Field(
+        default="what is going on in this image?", min_length=1, description="Question asked by llava_bertscore."
+    )
+    vlm_max_tokens: int = Field(default=256, ge=1, description="Longest VLM answer, in tokens.")
+    vlm_temperature: float = Field(default=0.0, ge=0, description="VLM sampling temperature (0: greedy).")
+
+    # --- BERTScore ------------------------------------------------------------------------------
+    bertscore_model: str = Field(
+        default="microsoft/deberta-xlarge-mnli", description="BERTScore model id or local path."
+    )
+    bertscore_num_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Hidden layer used by BERTScore; required for models bert-score does not know (local paths).",
+    )
+    bertscore_metric: Literal["recall", "precision", "f1"] = Field(
+        default="recall", description="Which BERTScore component is the reward."
+    )
+    bertscore_reference_template: str = Field(
+        default="The image contains {prompt}", description="Reference sentence; must contain '{prompt}'."
+    )
+    bertscore_batch_size: int = Field(default=64, ge=1, description="BERTScore model batch size.")
+
+    # --- llava_strict ---------------------------------------------------------------------------
+    llava_strict_case_sensitive: bool = Field(
+        default=False, description="llava_strict: match expected answers case-sensitively."
+    )
+    llava_strict_whole_word: bool = Field(
+        default=True, description="llava_strict: an expected answer must appear as whole words ('cat' != 'cats')."
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, rewards: list[str]) -> list[str]:
+        from reward_server.rewards import reward_names
+
+        if not rewards:
+            raise ValueError("at least one reward must be enabled")
+        unknown = [r for r in rewards if r not in reward_names()]
+        if unknown:
+            raise ValueError(f"unknown rewards {unknown}; valid rewards: {', '.join(reward_names())}")
+        return list(dict.fromkeys(rewards))  # drop duplicates, keep order
+
+    @field_validator("bertscore_reference_template")
+    @classmethod
+    def _template_has_prompt(cls, template: str) -> str:
+        if "{prompt}" not in template:
+            raise ValueError("bertscore_reference_template must contain '{prompt}'")
+        template.format(prompt="x")  # other braces would fail at scoring time; fail now
+        return template
+
+    @field_validator("api_key", "vlm_api_key")
+    @classmethod
+    def _non_empty_key(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("an API key must not be empty (leave it unset instead)")
+        return key
+
+    @model_validator(mode="after")
+    def _secure_bind(self) -> ServerSettings:
+        if not is_loopback_host(self.host) and self.api_key is None and not self.allow_insecure_remote:
+            raise ValueError(
+                f"refusing to bind non-loopback host {self.host!r} without an api_key; set api_key "
+                "(--api-key / DDPO_REWARD_API_KEY) or allow_insecure_remote=true if you really mean it"
+            )
+        if self.max_images_per_request > self.max_queue_images:
+            raise ValueError("max_images_per_request must not exceed max_queue_images (it could never be queued)")
+        unknown = sorted(set(self.batching) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"batching overrides for rewards that are not enabled: {unknown}")
+        return self
+
+    def batching_for(self, reward: str) -> tuple[int, float, int]:
+        """(max_batch_size, max_wait_ms, max_concurrent_batches) of one reward."""
+        override = self.batching.get(reward, BatchingOverride())
+        return (
+            override.max_batch_size or self.max_batch_size,
+            self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
+            override.max_concurrent_batches or self.max_concurrent_batches,
+        )

@@ -1,0 +1,87 @@
+"""Run a real reward server (uvicorn, loopback, free port) inside the test process.
+
+Reusable by any test that needs one (HTTP/Redis transport tests included):
+
+    def test_x(start_reward_server):
+        base_url = start_reward_server({"rewards": ["jpeg_compressibility"]})
+
+The server runs in a thread with its own event loop; the fixture stops it at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def free_loopback_socket() -> socket.socket:
+    """A bound, not yet listening loopback socket; handing it to uvicorn avoids a port race."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def serve_app_in_thread(app: FastAPI, wait_path: str | None = "/healthz", timeout: float = 30.0) -> RunningServer:
+    """Serve any ASGI app on a free loopback port in a daemon thread; wait until ``wait_path`` answers 200."""
+    sock = free_loopback_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        asyncio.run(server.serve(sockets=[sock]))
+
+    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    running = RunningServer(base_url, app, server, thread)
+    deadline = time.monotonic() + timeout
+    while True:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread died during start-up")
+        if server.started:
+            if wait_path is None:
+                break
+            try:
+                if httpx.get(base_url + wait_path, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+        if time.monotonic() > deadline:
+            running.stop()
+            raise TimeoutError(f"server on {base_url} not answering {wait_path} within {timeout} s")
+        time.sleep(0.02)
+    return running
+
+
+def start_reward_server_thread(
+    settings_overrides: dict[str, Any] | None = None, wait_ready: bool = True, timeout: float = 60.0
+) -> RunningServer:
+    """Start ``create_app(ServerSettings(**overrides))``; wait for /readyz (or only /healthz)."""
+    from reward_server.app import create_app
+    from reward_server.settings import ServerSettings
+
+    settings = ServerSettings(**(settings_overrides or {}))
+    app = create_app(settings)
+    return serve_app_in_thread(app, "/readyz" if wait_ready else "/healthz", timeout)
