@@ -51,7 +51,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}")
+        raise ApiError(
+            413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}"
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

@@ -242,5 +242,7 @@ def _check_outputs(reward: str, outputs: Sequence[RewardOutput], expected: int) 
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
-            raise ScoringError(f"scorer {reward!r} returned a non-finite reward ({out.reward!r}) at position {i}")
+            raise ScoringError(
+                f"scorer {reward!r} returned a non-finite reward ({out.reward!r}) at position {i}"
+            )
         out.reward = value  # plain float on the wire (numpy scalars are not JSON)

@@ -15,7 +15,10 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "ddpo_reward_requests", "POST /score requests by reward and HTTP status.", ["reward", "status"], registry=r
+            "ddpo_reward_requests",
+            "POST /score requests by reward and HTTP status.",
+            ["reward", "status"],
+            registry=r,
         )
         self.replays = Counter(
             "ddpo_reward_idempotent_replays",
@@ -23,7 +26,9 @@ class ServerMetrics:
             ["reward"],
             registry=r,
         )
-        self.images = Counter("ddpo_reward_images", "Images scored (each counted once).", ["reward"], registry=r)
+        self.images = Counter(
+            "ddpo_reward_images", "Images scored (each counted once).", ["reward"], registry=r
+        )
         self.errors = Counter("ddpo_reward_errors", "Error responses by reason.", ["reason"], registry=r)
         self.latency = Histogram(
             "ddpo_reward_request_latency_seconds",
@@ -33,7 +38,11 @@ class ServerMetrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "ddpo_reward_batch_size", "Images per scorer batch.", ["reward"], buckets=BATCH_BUCKETS, registry=r
+            "ddpo_reward_batch_size",
+            "Images per scorer batch.",
+            ["reward"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
             "ddpo_reward_batch_requests",
@@ -55,5 +64,7 @@ class ServerMetrics:
         self.inflight_requests = Gauge(
             "ddpo_reward_inflight_requests", "Requests being decoded or scored.", registry=r
         )
-        self.inflight_images = Gauge("ddpo_reward_inflight_images", "Images being decoded or scored.", registry=r)
+        self.inflight_images = Gauge(
+            "ddpo_reward_inflight_images", "Images being decoded or scored.", registry=r
+        )
         self.ready = Gauge("ddpo_reward_ready", "1 once every enabled reward is loaded.", registry=r)

@@ -95,7 +95,9 @@ class RewardService:
                 self.scorers[name] = await asyncio.to_thread(build_scorer, name, self.settings)
                 logger.info("loaded reward %s in %.1f s", name, time.perf_counter() - started)
         except Exception as err:
-            self.load_error = f"loading reward {name!r} failed: {type(err).__name__}: {err}"[:MAX_REASON_CHARS]
+            self.load_error = f"loading reward {name!r} failed: {type(err).__name__}: {err}"[
+                :MAX_REASON_CHARS
+            ]
             logger.exception("reward server not ready: %s", self.load_error)
             return
         for name, scorer in self.scorers.items():
@@ -155,7 +157,7 @@ class RewardService:
             raise ApiError(
                 413,
                 "too_many_images",
-                f"{len(request.images)} images in one request; the limit is {self.settings.max_images_per_request}",
+                f"{len(request.images)} images in one request; limit {self.settings.max_images_per_request}",
                 request_id=request.request_id,
             )
 
@@ -174,7 +176,9 @@ class RewardService:
                 return entry.response, True
             if isinstance(entry.error, ApiError):
                 raise entry.error
-            raise ApiError(500, "internal_error", "the original attempt failed", request_id=request.request_id)
+            raise ApiError(
+                500, "internal_error", "the original attempt failed", request_id=request.request_id
+            )
 
         entry = self.idempotency.begin(request.request_id, fp)
         try:
@@ -190,11 +194,14 @@ class RewardService:
     async def _score_new(self, request: ScoreRequest) -> ScoreResponse:
         n = len(request.images)
         s = self.settings
-        if self._inflight_requests + 1 > s.max_inflight_requests or self._inflight_images + n > s.max_inflight_images:
+        if (
+            self._inflight_requests + 1 > s.max_inflight_requests
+            or self._inflight_images + n > s.max_inflight_images
+        ):
             raise ApiError(
                 429,
                 "overloaded",
-                f"server busy ({self._inflight_requests} requests / {self._inflight_images} images in flight); "
+                f"busy: {self._inflight_requests} requests, {self._inflight_images} images in flight; "
                 "retry later",
                 {"Retry-After": str(s.retry_after_s)},
                 request_id=request.request_id,
@@ -225,7 +232,9 @@ class RewardService:
         try:
             outputs = await self.batchers[reward].submit(images, request.prompts, metadata)
         except QueueFullError as err:
-            raise ApiError(429, "queue_full", str(err), {"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise ApiError(
+                429, "queue_full", str(err), {"Retry-After": str(self.settings.retry_after_s)}
+            ) from None
         except ShuttingDownError as err:
             raise ApiError(503, "shutting_down", str(err)) from None
         except VLMError as err:

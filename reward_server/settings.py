@@ -45,7 +45,9 @@ class ServerSettings(BaseSettings):
     # --- network and security ---------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address to bind; loopback by default.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any free port).")
-    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (each loads the models).")
+    workers: int = Field(
+        default=1, ge=1, le=64, description="uvicorn worker processes (each loads the models)."
+    )
     api_key: str | None = Field(
         default=None,
         repr=False,
@@ -53,7 +55,7 @@ class ServerSettings(BaseSettings):
     )
     allow_insecure_remote: bool = Field(
         default=False,
-        description="Allow binding a non-loopback host without an api_key (anyone reaching the port can score).",
+        description="Allow a non-loopback host without an api_key (anyone reaching the port can score).",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="uvicorn/server log level."
@@ -62,7 +64,7 @@ class ServerSettings(BaseSettings):
     # --- which rewards --------------------------------------------------------------------------
     rewards: list[str] = Field(
         default_factory=lambda: list(CHEAP_REWARDS),
-        description="Rewards to load and serve. Model-based ones (aesthetic, llava_*) must be listed explicitly.",
+        description="Rewards to load and serve; model-based ones (aesthetic, llava_*) must be listed.",
     )
 
     # --- limits (413 / 429) -----------------------------------------------------------------------
@@ -71,7 +73,9 @@ class ServerSettings(BaseSettings):
     )
     max_images_per_request: int = Field(default=256, ge=1, description="Most images in one request (413).")
     max_image_pixels: int = Field(
-        default=2048 * 2048, ge=1, description="Most pixels (width*height) per image, checked before decoding (413)."
+        default=2048 * 2048,
+        ge=1,
+        description="Most pixels (width*height) per image, checked before decoding (413).",
     )
     max_inflight_requests: int = Field(
         default=64, ge=1, description="Requests being decoded/scored at once; beyond it: 429 + Retry-After."
@@ -91,24 +95,32 @@ class ServerSettings(BaseSettings):
         default=5.0, ge=0, description="How long queued images wait for more before a partial batch runs."
     )
     max_concurrent_batches: int = Field(
-        default=1, ge=1, description="Scorer batches of one reward running at once (raise it for remote VLMs)."
+        default=1,
+        ge=1,
+        description="Scorer batches of one reward running at once (raise it for remote VLMs).",
     )
     max_queue_images: int = Field(
         default=1024, ge=1, description="Images waiting for a batch, per reward; beyond it: 429."
     )
     batching: dict[str, BatchingOverride] = Field(
         default_factory=dict,
-        description='Per-reward overrides, e.g. {"llava_bertscore": {"max_batch_size": 64, "max_wait_ms": 20}}.',
+        description='Per-reward overrides, e.g. {"llava_bertscore": {"max_batch_size": 64}}.',
     )
 
     # --- idempotency --------------------------------------------------------------------------
     idempotency_cache_size: int = Field(
-        default=4096, ge=0, description="Recent responses kept by request_id so a retry is not re-scored (0: off)."
+        default=4096,
+        ge=0,
+        description="Recent responses kept by request_id so a retry is not re-scored (0: off).",
     )
-    idempotency_ttl_s: float = Field(default=900.0, gt=0, description="How long a cached response is replayed.")
+    idempotency_ttl_s: float = Field(
+        default=900.0, gt=0, description="How long a cached response is replayed."
+    )
 
     # --- models: shared -------------------------------------------------------------------------
-    device: str = Field(default="cpu", description="torch device for in-process models ('cpu', 'cuda', 'cuda:1').")
+    device: str = Field(
+        default="cpu", description="torch device for in-process models ('cpu', 'cuda', 'cuda:1')."
+    )
 
     # --- aesthetic ------------------------------------------------------------------------------
     aesthetic_clip_model: str = Field(
@@ -129,10 +141,13 @@ class ServerSettings(BaseSettings):
         description="OpenAI-compatible API root (the part before /chat/completions), e.g. a vLLM server.",
     )
     vlm_model: str = Field(
-        default="llava-hf/llava-1.5-7b-hf", description="Model name sent to the API / id or path loaded in-process."
+        default="llava-hf/llava-1.5-7b-hf",
+        description="Model name sent to the API / id or path loaded in-process.",
     )
     vlm_api_key: str | None = Field(default=None, repr=False, description="Bearer token for the VLM API.")
-    vlm_concurrency: int = Field(default=32, ge=1, description="Most VLM calls in flight at once (per worker).")
+    vlm_concurrency: int = Field(
+        default=32, ge=1, description="Most VLM calls in flight at once (per worker)."
+    )
     vlm_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one VLM call, seconds.")
     vlm_max_retries: int = Field(
         default=3, ge=0, description="Retries of one VLM call on connection errors, 408, 429 and 5xx only."
@@ -141,7 +156,9 @@ class ServerSettings(BaseSettings):
         default=0.5, ge=0, description="First retry delay; doubles each retry (Retry-After wins if larger)."
     )
     vlm_question: str = Field(
-        default="what is going on in this image?", min_length=1, description="Question asked by llava_bertscore."
+        default="what is going on in this image?",
+        min_length=1,
+        description="Question asked by llava_bertscore.",
     )
     vlm_max_tokens: int = Field(default=256, ge=1, description="Longest VLM answer, in tokens.")
     vlm_temperature: float = Field(default=0.0, ge=0, description="VLM sampling temperature (0: greedy).")
@@ -153,7 +170,7 @@ class ServerSettings(BaseSettings):
     bertscore_num_layers: int | None = Field(
         default=None,
         ge=1,
-        description="Hidden layer used by BERTScore; required for models bert-score does not know (local paths).",
+        description="Hidden layer used by BERTScore; required for models bert-score does not know.",
     )
     bertscore_metric: Literal["recall", "precision", "f1"] = Field(
         default="recall", description="Which BERTScore component is the reward."
@@ -168,7 +185,8 @@ class ServerSettings(BaseSettings):
         default=False, description="llava_strict: match expected answers case-sensitively."
     )
     llava_strict_whole_word: bool = Field(
-        default=True, description="llava_strict: an expected answer must appear as whole words ('cat' != 'cats')."
+        default=True,
+        description="llava_strict: an expected answer must appear as whole words ('cat' != 'cats').",
     )
 
     @field_validator("rewards")
@@ -206,7 +224,9 @@ class ServerSettings(BaseSettings):
                 "(--api-key / DDPO_REWARD_API_KEY) or allow_insecure_remote=true if you really mean it"
             )
         if self.max_images_per_request > self.max_queue_images:
-            raise ValueError("max_images_per_request must not exceed max_queue_images (it could never be queued)")
+            raise ValueError(
+                "max_images_per_request must not exceed max_queue_images (it could never be queued)"
+            )
         unknown = sorted(set(self.batching) - set(self.rewards))
         if unknown:
             raise ValueError(f"batching overrides for rewards that are not enabled: {unknown}")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,14 @@ def register_vlm_backend(name: str) -> Callable[[Callable[[Any], VLMBackend]], C
 
 
 def build_vlm_backend(name: str, settings: Any) -> VLMBackend:
+    if name not in VLM_BACKENDS:
+        # Backends live in reward_server/vlm/<name>_backend.py and register on import; importing
+        # lazily keeps heavy ones (torch, transformers) out of processes that never use them.
+        try:
+            importlib.import_module(f"reward_server.vlm.{name}_backend")
+        except ModuleNotFoundError as err:
+            if err.name != f"reward_server.vlm.{name}_backend":
+                raise
     try:
         factory = VLM_BACKENDS[name]
     except KeyError:

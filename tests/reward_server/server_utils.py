@@ -42,7 +42,9 @@ def free_loopback_socket() -> socket.socket:
     return sock
 
 
-def serve_app_in_thread(app: FastAPI, wait_path: str | None = "/healthz", timeout: float = 30.0) -> RunningServer:
+def serve_app_in_thread(
+    app: FastAPI, wait_path: str | None = "/healthz", timeout: float = 30.0
+) -> RunningServer:
     """Serve any ASGI app on a free loopback port in a daemon thread; wait until ``wait_path`` answers 200."""
     sock = free_loopback_socket()
     port = sock.getsockname()[1]
