@@ -4,7 +4,7 @@ Heavy rewards (aesthetic, VLM) keep their model imports inside their constructor
 names stays cheap.
 """
 
-from reward_server.rewards import jpeg  # noqa: F401  (registers the JPEG rewards)
+from reward_server.rewards import aesthetic, jpeg, llava  # noqa: F401  (registers the built-in rewards)
 from reward_server.rewards.base import (
     REWARD_REGISTRY,
     RewardOutput,

