@@ -1,6 +1,8 @@
 """Run a real reward server (uvicorn, loopback, free port) inside the test process.
 
-Reusable by any test that needs one (HTTP/Redis transport tests included):
+Reusable by any test that needs one (HTTP/Redis transport tests included): the
+``start_reward_server`` fixture below is exported by tests/reward_server/conftest.py; elsewhere,
+``from tests.reward_server.server_utils import start_reward_server  # noqa: F401`` in a conftest.
 
     def test_x(start_reward_server):
         base_url = start_reward_server({"rewards": ["jpeg_compressibility"]})
@@ -14,10 +16,12 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
@@ -80,10 +84,31 @@ def serve_app_in_thread(
 def start_reward_server_thread(
     settings_overrides: dict[str, Any] | None = None, wait_ready: bool = True, timeout: float = 60.0
 ) -> RunningServer:
-    """Start ``create_app(ServerSettings(**overrides))``; wait for /readyz (or only /healthz)."""
+    """Start ``create_app(ServerSettings(**overrides))``; wait for /readyz (or only until it listens)."""
     from reward_server.app import create_app
     from reward_server.settings import ServerSettings
 
     settings = ServerSettings(**(settings_overrides or {}))
     app = create_app(settings)
-    return serve_app_in_thread(app, "/readyz" if wait_ready else "/healthz", timeout)
+    return serve_app_in_thread(app, "/readyz" if wait_ready else None, timeout)
+
+
+@pytest.fixture
+def start_reward_server() -> Iterator[Callable[..., str]]:
+    """Factory fixture: ``start_reward_server(settings_overrides, wait_ready=True) -> base_url``.
+
+    A real uvicorn server on a free loopback port (thread in this process), stopped at teardown.
+    ``start_reward_server.servers[-1].app`` gives the app for white-box checks. To use it outside
+    tests/reward_server, import it into that directory's conftest.py.
+    """
+    servers: list[RunningServer] = []
+
+    def start(settings_overrides: dict[str, Any] | None = None, wait_ready: bool = True) -> str:
+        running = start_reward_server_thread(settings_overrides, wait_ready=wait_ready)
+        servers.append(running)
+        return running.base_url
+
+    start.servers = servers  # type: ignore[attr-defined]
+    yield start
+    for running in servers:
+        running.stop()
