@@ -142,3 +142,53 @@ def test_strict_fraction_of_expected_answers_found(standin):
 def test_strict_rejects_malformed_metadata(meta):
     with pytest.raises(ValueError, match=r"metadata\[0\]"):
         LlavaStrict(vlm("http://127.0.0.1:9/v1")).check_inputs(["p"], [meta])
+
+
+def test_served_over_http_with_answers_in_details(standin, start_reward_server):
+    import httpx
+
+    from shared.codec import encode_png_b64
+
+    state, url = standin
+    state.fail_with = []
+    base = start_reward_server(
+        {
+            "rewards": ["llava_bertscore", "llava_strict"],
+            "vlm_base_url": url,
+            "vlm_model": "tiny-llava",
+            "bertscore_model": MINILM,
+            "bertscore_num_layers": MINILM_LAYERS,
+        }
+    )
+    imgs = [solid(RED), solid(GREEN)]
+    body = {
+        "request_id": "llava-http",
+        "reward": "llava_bertscore",
+        "images": [encode_png_b64(i) for i in imgs],
+        "prompts": ["a red square", "a dog"],
+    }
+    response = httpx.post(base + "/score", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    details = response.json()["details"]
+    assert [d["answer"] for d in details] == [describe(i) for i in imgs]
+    assert response.json()["rewards"] == [d["recall"] for d in details]
+
+    strict = {**body, "request_id": "strict-http", "reward": "llava_strict"}
+    strict["metadata"] = [
+        {"questions": ["colour?"], "answers": ["red"]},
+        {"questions": ["colour?"], "answers": ["red"]},
+    ]
+    response = httpx.post(base + "/score", json=strict, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["rewards"] == [1.0, 0.0]
+
+    strict["request_id"] = "strict-bad"
+    strict["metadata"] = [{"questions": ["colour?"]}, {}]
+    response = httpx.post(base + "/score", json=strict, timeout=60)
+    assert response.status_code == 422 and response.json()["error"] == "invalid_metadata"
+
+    state.fail_with = [400]
+    body["request_id"] = "llava-vlm-down"
+    response = httpx.post(base + "/score", json=body, timeout=60)
+    assert response.status_code == 502 and response.json()["error"] == "vlm_error"
+    assert "HTTP 400" in response.json()["reason"]
