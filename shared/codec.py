@@ -54,6 +54,12 @@ def decode_png_b64(data: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 array = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
         raise ImageDecodeError(f"not a decodable PNG: {err}") from None
     return array

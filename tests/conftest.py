@@ -1,11 +1,35 @@
-"""Shared pytest fixtures."""
+"""Shared fixtures. Tiny models are built once per session into a temporary cache."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_model_cache(tmp_path_factory):
+    """Build the tiny SD once per test session, in a private cache (never the user's ~/.cache)."""
+    if "DDPO_CACHE" not in os.environ:
+        os.environ["DDPO_CACHE"] = str(tmp_path_factory.mktemp("ddpo-cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
 
 # --- reward server ----------------------------------------------------------------------------
 

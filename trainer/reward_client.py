@@ -104,7 +104,6 @@ def make_reward_client(cfg: Any) -> RewardClient:
     try:
         factory = REWARD_TRANSPORTS[cfg.transport]
     except KeyError:
-        raise ValueError(
-            f"reward.transport: unknown transport {cfg.transport!r}; valid: {', '.join(sorted(REWARD_TRANSPORTS))}"
-        ) from None
+        valid = ", ".join(sorted(REWARD_TRANSPORTS))
+        raise ValueError(f"reward.transport: unknown transport {cfg.transport!r}; valid: {valid}") from None
     return factory(cfg)

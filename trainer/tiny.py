@@ -45,7 +45,7 @@ def build_tiny_tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[s
     merges: list[str] = []
     seen = set(vocab_tokens)
     for word in sorted(set(words)):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*word[:-1], word[-1] + "</w>"]
         current = symbols[0]
         for symbol in symbols[1:]:
             merge = f"{current} {symbol}"

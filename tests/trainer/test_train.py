@@ -1,0 +1,151 @@
+"""The training loop on the tiny model: on-policy ratio, what changes, exact resume, LoRA export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import find_checkpoint
+from trainer.train import Trainer
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_first_on_policy_ratio_is_exactly_one(make_tiny_config):
+    # One sampling batch, train batch = sampling batch, no accumulation, fp32.
+    cfg = make_tiny_config(
+        sample={"num_batches_per_epoch": 1}, train={"batch_size": 4}, run={"num_epochs": 1, "save_every": 100}
+    )
+    trainer = Trainer(cfg)
+    captured = {}
+    original = trainer._pg_minibatch
+
+    def spy(samples, idx, perm, adv_all, num_timesteps, infos):
+        out = original(samples, idx, perm, adv_all, num_timesteps, infos)
+        captured.setdefault("infos", list(infos))
+        return out
+
+    trainer._pg_minibatch = spy
+    metrics = trainer.run()[0]
+    assert metrics["first_ratio"] == 1.0
+    # Every timestep of the first (pre-update) minibatch: new log-prob == old log-prob exactly.
+    assert all(info.ratio_mean == 1.0 and info.approx_kl == 0.0 for info in captured["infos"])
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf", "rwr"])
+def test_training_changes_only_lora_parameters(make_tiny_config, algorithm):
+    train = {"algorithm": algorithm, "clip_range": 0.1}
+    if algorithm == "ddpo_sf":
+        train["gradient_accumulation_steps"] = 2
+    cfg = make_tiny_config(train=train, run={"num_epochs": 1, "save_every": 100})
+    trainer = Trainer(cfg)
+    policy = trainer.policy
+    before = {
+        name: _snapshot(m)
+        for name, m in [("unet", policy.unet), ("vae", policy.vae), ("text", policy.text_encoder)]
+    }
+    metrics = trainer.run()[0]
+    assert np.isfinite(metrics["loss"]) and metrics["optimizer_steps"] >= 1
+
+    changed_lora, changed_base = [], []
+    for key, value in policy.unet.state_dict().items():
+        if not torch.equal(value, before["unet"][key]):
+            (changed_lora if "lora_" in key else changed_base).append(key)
+    assert changed_base == []
+    assert len(changed_lora) > 0
+    for name, module in [("vae", policy.vae), ("text", policy.text_encoder)]:
+        assert all(torch.equal(v, before[name][k]) for k, v in module.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+
+
+def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
+    common = {"train": {"clip_range": 0.05}, "sample": {"num_batches_per_epoch": 2}}
+    straight = Trainer(
+        make_tiny_config(**common, run={"num_epochs": 4, "name": "straight", "save_every": 100})
+    )
+    straight_history = straight.run()
+
+    first = Trainer(make_tiny_config(**common, run={"num_epochs": 2, "name": "split", "save_every": 2}))
+    first.run()
+    run_dir = first.run_folder.path
+    assert find_checkpoint(run_dir).name == "epoch_0002"
+    resumed = Trainer(
+        make_tiny_config(**common, run={"num_epochs": 4, "name": "split", "resume": str(run_dir)})
+    )
+    assert resumed.next_epoch == 2 and resumed.run_folder.path == run_dir
+    resumed_history = resumed.run()
+
+    assert [m["epoch"] for m in resumed_history] == [2, 3]
+    for a, b in zip(straight_history[2:], resumed_history, strict=True):
+        assert a["loss"] == b["loss"]
+        assert a["reward_mean"] == b["reward_mean"]
+        assert a["global_step"] == b["global_step"]
+    state_a, state_b = straight.policy.trainable_state_dict(), resumed.policy.trainable_state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    # The run folder's metrics hold each epoch once.
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_saved_lora_loads_in_diffusers_and_changes_output(make_tiny_config):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.tiny import ensure_tiny_model
+
+    cfg = make_tiny_config(
+        train={"learning_rate": 3e-2, "clip_range": 0.5}, run={"num_epochs": 1, "save_every": 1}
+    )
+    trainer = Trainer(cfg)
+    trainer.run()
+    lora_dir = find_checkpoint(trainer.run_folder.path) / "lora"
+    assert (lora_dir / "pytorch_lora_weights.safetensors").exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    embeds = trainer.policy.encode_prompts(["a cat"])
+    with torch.no_grad():
+        base = pipe.unet(latents, t, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(lora_dir)
+        loaded = pipe.unet(latents, t, encoder_hidden_states=embeds).sample
+        trained = trainer.policy.unet(latents, t, encoder_hidden_states=embeds).sample
+    assert not torch.allclose(base, loaded)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_run_folder_contents(make_tiny_config):
+    trainer = Trainer(make_tiny_config(run={"num_epochs": 2, "save_every": 2}))
+    history = trainer.run()
+    folder = trainer.run_folder.path
+    for name in [
+        "config.json",
+        "metrics.jsonl",
+        "reward_curve.png",
+        "samples/epoch_0000.png",
+        "samples/epoch_0001.jsonl",
+    ]:
+        assert (folder / name).exists(), name
+    keys = {
+        "reward_mean",
+        "reward_std",
+        "reward_min",
+        "reward_max",
+        "loss",
+        "approx_kl",
+        "clipfrac",
+        "lr",
+        "samples_per_s",
+        "time_sampling_s",
+        "time_reward_wait_s",
+        "time_training_s",
+        "eval_reward_mean",
+    }
+    assert keys <= history[0].keys()
+    rows = [json.loads(x) for x in (folder / "samples/epoch_0001.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"prompt", "reward", "advantage", "details"} <= rows[0].keys()
+    assert rows[0]["details"]["jpeg_kb"] == pytest.approx(-rows[0]["reward"])

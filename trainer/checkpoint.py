@@ -1,0 +1,101 @@
+"""Checkpoints that resume exactly, with LoRA weights that diffusers loads as they are.
+
+A checkpoint folder holds:
+    lora/pytorch_lora_weights.safetensors   ``pipe.load_lora_weights(folder / "lora")`` (LoRA runs)
+    unet/                                   ``UNet2DConditionModel.from_pretrained`` (full fine-tuning)
+    training_state.pt                       epoch, global step, optimizer, LR scheduler, stat-tracker
+                                            buffers, RNG states and the exact fp32 trained weights
+The epoch is stored explicitly (never derived from a folder counter: a known pitfall).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAINING_STATE = "training_state.pt"
+LATEST = "latest"
+
+
+@dataclass
+class TrainingState:
+    next_epoch: int  # the first epoch still to run
+    global_step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    stat_tracker: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_lora(unet: torch.nn.Module, folder: Path) -> None:
+    """Write the UNet's LoRA adapters in the diffusers format (``load_lora_weights`` reads it)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def save_checkpoint(
+    checkpoints_dir: Path, state: TrainingState, unet: torch.nn.Module, use_lora: bool, keep: int
+) -> Path:
+    """Write ``epoch_XXXX`` atomically (temp folder + rename), point ``latest`` at it, prune old ones."""
+    name = f"epoch_{state.next_epoch:04d}"
+    final = checkpoints_dir / name
+    tmp = checkpoints_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if use_lora:
+        save_lora(unet, tmp / "lora")
+    else:
+        unet.save_pretrained(tmp / "unet")
+    torch.save(state.__dict__, tmp / TRAINING_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (checkpoints_dir / LATEST).write_text(name + "\n")
+    existing = sorted(p for p in checkpoints_dir.glob("epoch_*") if p.is_dir())
+    for old in existing[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder whose ``latest`` names one."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / TRAINING_STATE).exists():
+            return candidate
+        if (candidate / LATEST).exists():
+            checkpoint = candidate / (candidate / LATEST).read_text().strip()
+            if (checkpoint / TRAINING_STATE).exists():
+                return checkpoint
+    raise FileNotFoundError(f"run.resume: no checkpoint found at {path}")
+
+
+def load_training_state(checkpoint: Path) -> TrainingState:
+    # weights_only=False: the file holds RNG states and optimizer dicts we wrote ourselves.
+    data = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=False)
+    return TrainingState(**data)

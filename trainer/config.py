@@ -1,0 +1,352 @@
+"""Typed, documented configuration of a training run; presets; command-line overrides.
+
+Every field has a description (``ddpo-train --help`` prints them all). Unknown fields and bad
+values are errors that name the field, e.g. ``train.learning_rate: Input should be greater than 0``.
+Batch sizes are per process (per rank); with torchrun the global batch is world_size times larger.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(
+        "tiny",
+        description="Diffusers pipeline folder or hub id (e.g. CompVis/stable-diffusion-v1-4); "
+        "'tiny' builds a tiny random Stable Diffusion locally (cached, no download).",
+    )
+    revision: str | None = Field(None, description="Hub revision of `pretrained`.")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Dtype of the frozen weights (UNet, VAE, text encoder). LoRA params stay fp32."
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    use_lora: bool = Field(True, description="Train LoRA adapters (peft); false = full UNet fine-tuning.")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank r.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = lora_rank (scale 1).")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names that get LoRA adapters.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
+
+
+class SampleConfig(_Section):
+    num_steps: int = Field(50, ge=2, description="DDIM denoising steps per image.")
+    eta: float = Field(
+        1.0, gt=0, description="DDIM eta (> 0: eta = 0 is deterministic and has no log-prob to train on)."
+    )
+    guidance_scale: float = Field(
+        5.0, ge=1.0, description="Classifier-free guidance weight w (same in training)."
+    )
+    negative_prompt: str = Field("", description="Prompt for the unconditional branch of CFG.")
+    resolution: int | None = Field(
+        None, ge=8, description="Image side in pixels; default: the model's native size. Multiple of 8."
+    )
+    batch_size: int = Field(8, ge=1, description="Images per sampling batch, per rank.")
+    num_batches_per_epoch: int = Field(4, ge=1, description="Sampling batches per epoch, per rank.")
+
+
+class TrainConfig(_Section):
+    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr"] = Field(
+        "ddpo_is",
+        description="ddpo_is: PPO-style clipped importance sampling; ddpo_sf: score function "
+        "(REINFORCE, one step per epoch); rwr: reward-weighted regression baseline.",
+    )
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (CUDA; needs bitsandbytes).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    batch_size: int = Field(4, ge=1, description="Trajectories per training minibatch, per rank.")
+    gradient_accumulation_steps: int = Field(
+        4,
+        ge=1,
+        description="Minibatches whose gradients (over all trained timesteps) make one optimizer step.",
+    )
+    num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples (ddpo_is, rwr).")
+    timestep_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the denoising steps trained on, chosen at random per sample.",
+    )
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (ddpo_is).")
+    adv_clip_max: float = Field(
+        5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max]."
+    )
+    rwr_weighting: Literal["softmax", "filter"] = Field(
+        "softmax", description="rwr: softmax(reward / temperature) weights, or keep the top percentile."
+    )
+    rwr_temperature: float = Field(
+        0.2, gt=0, description="rwr softmax temperature (rewards are normalized first)."
+    )
+    rwr_percentile: float = Field(
+        0.9, gt=0, lt=1, description="rwr filter: keep samples whose reward is at or above this quantile."
+    )
+
+
+class AdvantageConfig(_Section):
+    per_prompt_stat_tracking: bool = Field(
+        True, description="Normalize rewards per prompt (buffer of recent rewards); false = whole-batch."
+    )
+    buffer_size: int = Field(16, ge=1, description="Per-prompt buffer: the last N rewards of each prompt.")
+    min_count: int = Field(16, ge=1, description="Below this many rewards, a prompt uses batch statistics.")
+
+
+class PromptConfig(_Section):
+    set: Literal["common_animals", "imagenet_animals", "animal_activities", "file"] = Field(
+        "common_animals", description="Prompt set; 'file' reads `path` (one prompt per line)."
+    )
+    path: str | None = Field(None, description="Prompt file for set='file'.")
+
+
+class RewardConfig(_Section):
+    name: str = Field(
+        "jpeg_compressibility",
+        description="Reward name as registered by the reward server (jpeg_compressibility, "
+        "jpeg_incompressibility, aesthetic, llava_bertscore, ...).",
+    )
+    transport: str = Field("local", description="How rewards are computed: 'local' (in process).")
+
+
+class RunConfig(_Section):
+    name: str = Field("ddpo", description="Run name; the run folder is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent folder of run folders.")
+    seed: int = Field(0, description="Seed of every random stream (prompts, noise, shuffles).")
+    num_epochs: int = Field(100, ge=1, description="Total epochs (a resumed run continues up to this).")
+    save_every: int = Field(10, ge=1, description="Checkpoint every N epochs (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="How many checkpoints to keep.")
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="Every N epochs, sample a grid with fixed prompts and seeds (progress you can see).",
+    )
+    eval_num_images: int = Field(8, ge=1, description="Images in the fixed-seed sample grid.")
+    resume: str | None = Field(
+        None, description="Resume from a checkpoint folder or a run folder ('latest' checkpoint in it)."
+    )
+    progress: bool = Field(True, description="Show progress bars.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        samples = self.sample.batch_size * self.sample.num_batches_per_epoch
+        if samples % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must divide the samples per epoch "
+                f"(sample.batch_size x sample.num_batches_per_epoch = {samples})"
+            )
+        minibatches = samples // self.train.batch_size
+        if minibatches % self.train.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.gradient_accumulation_steps ({self.train.gradient_accumulation_steps}) must divide "
+                f"the minibatches per epoch ({minibatches} = {samples} samples / train.batch_size)"
+            )
+        if self.train.algorithm == "ddpo_sf":
+            # The score-function gradient is only unbiased on-policy: one step per sampled epoch.
+            if self.train.num_inner_epochs != 1:
+                raise ValueError("train.num_inner_epochs must be 1 for ddpo_sf (on-policy gradient)")
+            if self.train.gradient_accumulation_steps != minibatches:
+                raise ValueError(
+                    f"train.gradient_accumulation_steps must be {minibatches} for ddpo_sf "
+                    "(one optimizer step per sampled epoch)"
+                )
+        if self.advantage.min_count > self.advantage.buffer_size:
+            raise ValueError("advantage.min_count must be <= advantage.buffer_size")
+        if self.prompts.set == "file" and not self.prompts.path:
+            raise ValueError("prompts.path is required when prompts.set is 'file'")
+        if self.sample.resolution is not None and self.sample.resolution % 8:
+            raise ValueError("sample.resolution must be a multiple of 8")
+        return self
+
+    def num_train_timesteps(self) -> int:
+        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Paper scale: SD v1-4, 512 px, LoRA rank 4, fp16 weights + fp32 LoRA, 50 steps, eta 1,
+# guidance 5, lr 3e-4, 256 samples/epoch = 8 GPUs x 8 per batch x 4 batches (per-rank values).
+# ---------------------------------------------------------------------------------------------
+
+_PAPER: dict[str, Any] = {
+    "model": {"pretrained": "CompVis/stable-diffusion-v1-4", "dtype": "fp16", "gradient_checkpointing": True},
+    "sample": {
+        "num_steps": 50,
+        "eta": 1.0,
+        "guidance_scale": 5.0,
+        "batch_size": 8,
+        "num_batches_per_epoch": 4,
+    },
+    "train": {
+        "algorithm": "ddpo_is",
+        "learning_rate": 3e-4,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 4,
+    },
+    "advantage": {"buffer_size": 16, "min_count": 16},
+    "run": {"num_epochs": 100, "save_every": 10},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "compressibility": {
+        **_PAPER,
+        "reward": {"name": "jpeg_compressibility"},
+        "run": {**_PAPER["run"], "name": "compressibility"},
+    },
+    "incompressibility": {
+        **_PAPER,
+        "reward": {"name": "jpeg_incompressibility"},
+        "run": {**_PAPER["run"], "name": "incompressibility"},
+    },
+    "aesthetic": {
+        **_PAPER,
+        "advantage": {"buffer_size": 32, "min_count": 16},
+        "reward": {"name": "aesthetic"},
+        "run": {**_PAPER["run"], "name": "aesthetic"},
+    },
+    "alignment": {
+        **_PAPER,
+        "prompts": {"set": "animal_activities"},
+        "advantage": {"buffer_size": 32, "min_count": 16},
+        "reward": {"name": "llava_bertscore"},
+        "run": {**_PAPER["run"], "name": "alignment"},
+    },
+    # A few minutes on 2 CPU cores: a tiny random SD; shows the machinery, not image quality.
+    "tiny": {
+        "model": {"pretrained": "tiny", "dtype": "fp32", "lora_rank": 8},
+        "sample": {
+            "num_steps": 10,
+            "eta": 1.0,
+            "guidance_scale": 5.0,
+            "batch_size": 8,
+            "num_batches_per_epoch": 2,
+        },
+        "train": {
+            "learning_rate": 3e-3,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "clip_range": 1e-2,
+        },
+        "advantage": {"buffer_size": 16, "min_count": 8},
+        "reward": {"name": "jpeg_compressibility"},
+        "run": {"name": "tiny", "num_epochs": 15, "save_every": 5, "eval_num_images": 8},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names every offending field."""
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where != "config" else msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Preset (optional) + nested overrides -> validated Config, or ConfigError naming the fields."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        data = json.loads(json.dumps(PRESETS[preset]))
+    data = deep_merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    """CLI value: JSON when it parses (numbers, true/false, null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.learning_rate", "1e-3", "--sample.eta=0.5"]`` -> nested dict. Errors name the arg."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing value")
+            value = args[i + 1]
+            i += 1
+        node = overrides
+        *parents, leaf = key.replace("-", "_").split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[leaf] = _parse_value(value)
+        i += 1
+    return overrides
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON config file (e.g. a run folder's config.json) as nested overrides."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def describe_fields() -> str:
+    """Every field with type, default and description: the body of ``--help``."""
+    lines = []
+    for section_name, section_field in Config.model_fields.items():
+        section_cls = section_field.annotation
+        lines.append(f"\n[{section_name}]")
+        for name, field in section_cls.model_fields.items():  # type: ignore[union-attr]
+            default = field.default_factory() if field.default_factory else field.default
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            annotation = annotation.replace("typing.", "")
+            lines.append(f"  --{section_name}.{name} ({annotation}, default {json.dumps(default)})")
+            lines.append(f"      {field.description}")
+    return "\n".join(lines)

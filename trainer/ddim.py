@@ -1,0 +1,119 @@
+"""The one place for the DDIM step with its exact Gaussian log-probability.
+
+DDPO treats each DDIM step with eta > 0 as a Gaussian policy
+    x_{t'} ~ N(mean(x_t, eps_hat, t), (eta * sigma_t)^2 I),  t' = t - T / num_inference_steps,
+and needs log p(x_{t'} | x_t) both while sampling (old policy) and while training (new policy):
+    x0_hat  = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)      (epsilon prediction)
+    sigma^2 = (1 - abar_t') / (1 - abar_t) * (1 - abar_t / abar_t')
+    mean    = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - (eta sigma)^2) eps_hat
+    log p   = mean over non-batch dims of -(x_t' - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)
+The math runs in fp32 whatever the model dtype, so sampling and training agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(batch,) -> (batch, 1, 1, ...) to broadcast against a (batch, ...) sample."""
+    return values.reshape(values.shape[0], *([1] * (ndim - 1)))
+
+
+def step_alphas(
+    scheduler: DDIMScheduler, timestep: int | torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alphas_cumprod at t and at t' = t - T / num_inference_steps, shape (batch,).
+
+    t' < 0 (the last step) uses the scheduler's final_alpha_cumprod.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch_size)
+    elif t.numel() != batch_size:
+        raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch_size}")
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    alpha_t = alphas_cumprod[t]
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
+    return alpha_t, alpha_prev
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_t'; returns (prev_sample, log_prob of prev_sample), log_prob shape (batch,).
+
+    ``timestep`` is an int or a per-sample tensor. With ``prev_sample`` given (training), its
+    log-prob under this step is returned; otherwise a new one is sampled with ``generator``
+    (one generator, or one per sample for per-sample noise streams).
+    """
+    if eta <= 0:
+        raise ValueError(
+            f"eta must be > 0 for a log-probability (got {eta}): with eta = 0 DDIM is deterministic"
+        )
+    batch = sample.shape[0]
+    alpha_t, alpha_prev = step_alphas(scheduler, timestep, batch)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    if bool((std <= 0).any()):
+        raise ValueError(
+            "a DDIM step has zero variance (scheduler with set_alpha_to_one=True at its last step?); "
+            "its log-probability is undefined: use set_alpha_to_one=False"
+        )
+
+    device, out_dtype = sample.device, sample.dtype
+    x = sample.to(torch.float32)
+    model_output = model_output.to(torch.float32)
+    alpha_t_b = _per_sample(alpha_t.to(device), x.ndim)
+    alpha_prev_b = _per_sample(alpha_prev.to(device), x.ndim)
+    std_b = _per_sample(std.to(device), x.ndim)
+    beta_t_b = 1 - alpha_t_b
+
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x - beta_t_b.sqrt() * eps) / alpha_t_b.sqrt()
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x - alpha_t_b.sqrt() * x0) / beta_t_b.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = alpha_t_b.sqrt() * x - beta_t_b.sqrt() * model_output
+        eps = alpha_t_b.sqrt() * model_output + beta_t_b.sqrt() * x
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+    # As the scheduler does: clip/threshold x0, keep eps as predicted.
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+
+    mean = alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b - std_b**2).sqrt() * eps
+    if prev_sample is None:
+        noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
+        prev = mean + std_b * noise
+    else:
+        prev = prev_sample
+    # The log-prob of exactly what is returned (and stored), after rounding to the sample dtype.
+    prev = prev.to(out_dtype).to(torch.float32)
+
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * std_b**2) - torch.log(std_b) - _LOG_SQRT_2PI
+    log_prob = log_prob.mean(dim=tuple(range(1, x.ndim)))
+    return prev.to(out_dtype), log_prob

@@ -1,0 +1,190 @@
+"""The policy: a diffusers Stable Diffusion pipeline whose UNet carries trainable LoRA adapters.
+
+Frozen weights may be fp16/bf16; trainable (LoRA) parameters are always fp32, so the first
+on-policy ratio is exactly 1 and small updates are not lost to rounding. The UNet is called
+through ``self.unet_forward`` so a DDP-wrapped module can be put there (LoRA gradients are then
+synced: the pitfall of wrapping only attention processors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.config import ModelConfig, SampleConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
+    """``StableDiffusionPipeline.from_pretrained`` with a DDIM scheduler; 'tiny' = local tiny model."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from trainer.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    source: str | Path = ensure_tiny_model() if cfg.pretrained == TINY_MODEL_NAME else cfg.pretrained
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            revision=cfg.revision,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model.pretrained: cannot load a Stable Diffusion pipeline from {str(source)!r}: {err}"
+        ) from err
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class DiffusionPolicy:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device) if device is None else torch.device(device)
+        if self.device.type == "cpu" and cfg.dtype != "fp32":
+            raise ValueError(f"model.dtype: {cfg.dtype} is for GPUs; use fp32 on CPU")
+        self.dtype = DTYPES[cfg.dtype]
+        if self.device.type == "cuda" and cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.pipeline = load_pipeline(cfg, self.dtype)
+        self.pipeline.to(self.device)
+        self.unet = self.pipeline.unet
+        self.vae = self.pipeline.vae
+        self.text_encoder = self.pipeline.text_encoder
+        self.tokenizer = self.pipeline.tokenizer
+        self.scheduler = self.pipeline.scheduler
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False)
+            module.eval()
+
+        if cfg.use_lora:
+            from peft import LoraConfig
+
+            # The adapters' random init comes from the run's seed, not whatever the global RNG holds.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.unet.add_adapter(
+                    LoraConfig(
+                        r=cfg.lora_rank,
+                        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                        init_lora_weights="gaussian",
+                        target_modules=list(cfg.lora_target_modules),
+                    )
+                )
+            # LoRA params in fp32 even when the frozen weights are fp16/bf16.
+            for param in self.unet.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.float32)
+        else:
+            if self.dtype != torch.float32:
+                raise ValueError("model.dtype must be fp32 for full fine-tuning (use_lora=false)")
+            self.unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # Replaced by a DDP wrapper in multi-process runs (trainer.distributed).
+        self.unet_forward: nn.Module = self.unet
+
+    # -- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights only (LoRA adapters, or the whole UNet for full fine-tuning)."""
+        if self.cfg.use_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.cfg.use_lora:
+            from peft.utils import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.unet, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"checkpoint LoRA keys do not match the model: {unexpected[:5]}")
+        else:
+            self.unet.load_state_dict(state)
+
+    # -- forward pieces ----------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on GPU for fp16/bf16 weights; nothing on CPU/fp32."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(tokens)[0].to(torch.float32)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """CFG noise prediction eps_u + w (eps_c - eps_u), one UNet call on the doubled batch."""
+        batch = latents.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(batch)
+        if guidance_scale > 1.0:
+            model_in = torch.cat([latents, latents])
+            t_in = torch.cat([timesteps, timesteps])
+            embeds = torch.cat([negative_embeds, prompt_embeds])
+        else:
+            model_in, t_in, embeds = latents, timesteps, prompt_embeds
+        with self.autocast():
+            out = self.unet_forward(
+                model_in.to(self.dtype), t_in, encoder_hidden_states=embeds.to(self.dtype), return_dict=False
+            )[0]
+        out = out.to(torch.float32)
+        if guidance_scale > 1.0:
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 RGB images (B, H, W, 3), rounded as diffusers' image processor does."""
+        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(scaled, return_dict=False)[0].to(torch.float32)
+        images = (images / 2 + 0.5).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def latent_shape(self, batch: int, sample_cfg: SampleConfig) -> tuple[int, int, int, int]:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        resolution = sample_cfg.resolution or self.unet.config.sample_size * scale
+        if resolution % scale:
+            raise ValueError(f"sample.resolution must be a multiple of {scale} for this VAE")
+        side = resolution // scale
+        return (batch, self.unet.config.in_channels, side, side)

@@ -1,0 +1,120 @@
+"""Rollouts: sample a batch of images with DDIM (eta > 0) and CFG, recording every step's log-prob."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.config import SampleConfig
+from trainer.ddim import ddim_step_with_logprob
+from trainer.policy import DiffusionPolicy
+
+
+@dataclass
+class Trajectories:
+    """A batch of denoising trajectories; tensors are fp32, batch first, S = num_steps."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    negative_embeds: torch.Tensor  # (B, L, D)
+    timesteps: torch.Tensor  # (B, S) long
+    latents: torch.Tensor  # (B, S, C, h, w): x_t before each step
+    next_latents: torch.Tensor  # (B, S, C, h, w): x_t' after each step
+    log_probs: torch.Tensor  # (B, S): log p(x_t' | x_t) under the sampling policy
+    images: np.ndarray  # (B, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @staticmethod
+    def cat(parts: Sequence[Trajectories]) -> Trajectories:
+        return Trajectories(
+            prompts=[p for part in parts for p in part.prompts],
+            prompt_embeds=torch.cat([p.prompt_embeds for p in parts]),
+            negative_embeds=torch.cat([p.negative_embeds for p in parts]),
+            timesteps=torch.cat([p.timesteps for p in parts]),
+            latents=torch.cat([p.latents for p in parts]),
+            next_latents=torch.cat([p.next_latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            images=np.concatenate([p.images for p in parts]),
+        )
+
+    def select(self, index: torch.Tensor) -> Trajectories:
+        idx = index.tolist()
+        return Trajectories(
+            prompts=[self.prompts[i] for i in idx],
+            prompt_embeds=self.prompt_embeds[index],
+            negative_embeds=self.negative_embeds[index],
+            timesteps=self.timesteps[index],
+            latents=self.latents[index],
+            next_latents=self.next_latents[index],
+            log_probs=self.log_probs[index],
+            images=self.images[idx],
+        )
+
+
+def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample: each image's noise depends only on its own seed."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample_trajectories(
+    policy: DiffusionPolicy,
+    prompts: Sequence[str],
+    cfg: SampleConfig,
+    seeds: Sequence[int],
+    keep_trajectory: bool = True,
+) -> Trajectories:
+    """Run the full DDIM chain for ``prompts``; the noise of sample i comes from ``seeds[i]``."""
+    batch = len(prompts)
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+    device = policy.device
+    generators = sample_generators(seeds)
+    prompt_embeds = policy.encode_prompts(prompts)
+    negative_embeds = policy.encode_prompts([cfg.negative_prompt] * batch)
+
+    scheduler = policy.scheduler
+    scheduler.set_timesteps(cfg.num_steps, device=device)
+    shape = policy.latent_shape(batch, cfg)
+    latents = (
+        torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(device)
+        * scheduler.init_noise_sigma
+    )
+
+    all_latents, all_next, all_logp = [], [], []
+    for t in scheduler.timesteps:
+        eps = policy.predict_noise(latents, t, prompt_embeds, negative_embeds, cfg.guidance_scale)
+        next_latents, log_prob = ddim_step_with_logprob(
+            scheduler, eps, t, latents, eta=cfg.eta, generator=generators
+        )
+        if keep_trajectory:
+            all_latents.append(latents)
+            all_next.append(next_latents)
+            all_logp.append(log_prob)
+        latents = next_latents
+
+    images = policy.decode(latents).numpy()
+    steps = len(scheduler.timesteps)
+    timesteps = scheduler.timesteps.to("cpu", torch.long).unsqueeze(0).expand(batch, steps).clone()
+    if keep_trajectory:
+        stacked_latents = torch.stack(all_latents, dim=1)
+        stacked_next = torch.stack(all_next, dim=1)
+        stacked_logp = torch.stack(all_logp, dim=1)
+    else:
+        stacked_latents = stacked_next = torch.empty(batch, 0, *shape[1:], device=device)
+        stacked_logp = torch.empty(batch, 0, device=device)
+    return Trajectories(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+        timesteps=timesteps,
+        latents=stacked_latents,
+        next_latents=stacked_next,
+        log_probs=stacked_logp,
+        images=images,
+    )

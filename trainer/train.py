@@ -1,0 +1,409 @@
+"""DDPO training loop: sample -> reward -> advantages -> policy-gradient update, every epoch.
+
+Read top to bottom, one epoch is:
+  1. Sample  ``num_batches_per_epoch`` batches of trajectories with DDIM (eta > 0) + CFG, keeping the
+     per-step log-probs; each batch's images go to the reward client as soon as they are decoded
+     (rewards are computed while the next batch samples).
+  2. Reward  wait for this epoch's rewards (the only place training waits on the reward service).
+  3. Advantages  per-prompt (or global) normalization of the rewards.
+  4. Update  ``num_inner_epochs`` passes: shuffle samples, permute timesteps per sample, recompute
+     log p(x_t' | x_t) under the current policy with the same CFG, clipped policy-gradient loss
+     (or SF, or RWR), accumulate over the trained timesteps and minibatches, clip, step.
+  5. Log, plot, sample the fixed-seed grid, checkpoint.
+Every random stream is derived from (seed, epoch, batch, rank), so a resumed run repeats exactly
+what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import (
+    TrainingState,
+    capture_rng,
+    find_checkpoint,
+    load_training_state,
+    restore_rng,
+    save_checkpoint,
+)
+from trainer.config import Config
+from trainer.ddim import ddim_step_with_logprob
+from trainer.losses import LossInfo, ppo_clip_loss, rwr_loss, rwr_weights, score_function_loss
+from trainer.policy import DiffusionPolicy
+from trainer.prompts import load_prompts
+from trainer.reward_client import RewardClient, RewardResult, make_reward_client
+from trainer.run_folder import RunFolder
+from trainer.sampling import Trajectories, sample_trajectories
+from trainer.stat_tracking import PerPromptStatTracker, normalize_globally
+
+log = logging.getLogger(__name__)
+
+EVAL_STREAM = 2**31 - 1  # the fixed-seed eval grid's stream id, distinct from every epoch
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints (independent streams for every (seed, epoch, ...) key)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        reward_client: RewardClient | None = None,
+        run_folder: RunFolder | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        if cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
+
+        self.policy = DiffusionPolicy(cfg.model, seed=derive_seed(cfg.run.seed, EVAL_STREAM, 3))
+        self.prompts = load_prompts(cfg.prompts.set, cfg.prompts.path)
+        self.reward_client = reward_client or make_reward_client(cfg.reward)
+        self._owns_reward_client = reward_client is None
+        self.tracker = (
+            PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
+            if cfg.advantage.per_prompt_stat_tracking
+            else None
+        )
+        self.optimizer = self._make_optimizer()
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.next_epoch = 0
+        self.global_step = 0
+
+        checkpoint = find_checkpoint(cfg.run.resume) if cfg.run.resume else None
+        if run_folder is None and self.is_main:
+            run_folder = (
+                RunFolder(checkpoint.parent.parent)
+                if checkpoint
+                else RunFolder.new(cfg.run.output_dir, cfg.run.name)
+            )
+        self.run_folder = run_folder
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        if self.run_folder is not None:
+            self.run_folder.write_config(cfg.model_dump())
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = self.policy.trainable_parameters()
+        kwargs = dict(
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        if t.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ValueError(
+                    "train.use_8bit_adam needs bitsandbytes: pip install 'ddpo-stack[gpu]'"
+                ) from None
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    def _resume(self, checkpoint) -> None:
+        state = load_training_state(checkpoint)
+        self.policy.load_trainable_state_dict(state.trainable)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.tracker is not None and state.stat_tracker is not None:
+            self.tracker.load_state_dict(state.stat_tracker)
+        restore_rng(state.rng)
+        self.next_epoch, self.global_step = state.next_epoch, state.global_step
+        if self.run_folder is not None:
+            self.run_folder.truncate_metrics(before_epoch=self.next_epoch)
+        log.info("resumed from %s at epoch %d (step %d)", checkpoint, self.next_epoch, self.global_step)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Train from ``next_epoch`` up to ``run.num_epochs``; returns the per-epoch metrics."""
+        history = []
+        try:
+            for epoch in range(self.next_epoch, self.cfg.run.num_epochs):
+                history.append(self.train_epoch(epoch))
+        finally:
+            if self._owns_reward_client:
+                self.reward_client.close()
+        return history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        # 1. Sample (rewards are requested batch by batch, while the next batch samples).
+        samples, futures = self.sample_epoch(epoch)
+        t_sampled = time.perf_counter()
+        # 2. Reward: the update needs this epoch's rewards.
+        results = [f.result() for f in futures]
+        t_rewarded = time.perf_counter()
+        rewards = np.concatenate([r.rewards for r in results])
+        details = [d for r in results for d in r.details]
+        # 3. Advantages.
+        advantages = self.compute_advantages(samples.prompts, rewards)
+        # 4. Update.
+        train_info = self.update(epoch, samples, rewards, advantages)
+        t_trained = time.perf_counter()
+
+        metrics = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "reward_name": self.cfg.reward.name,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "reward_min": float(rewards.min()),
+            "reward_max": float(rewards.max()),
+            **train_info,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "num_samples": len(samples),
+            "samples_per_s": len(samples) / (t_trained - t0),
+            "time_sampling_s": t_sampled - t0,
+            "time_reward_wait_s": t_rewarded - t_sampled,
+            "time_training_s": t_trained - t_rewarded,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        # 5. Log, grid, checkpoint.
+        self.next_epoch = epoch + 1
+        if self.run_folder is not None:
+            self.run_folder.write_sample_log(
+                epoch,
+                [
+                    {"prompt": p, "reward": float(r), "advantage": float(a), "details": d}
+                    for p, r, a, d in zip(samples.prompts, rewards, advantages, details, strict=True)
+                ],
+            )
+        if epoch % self.cfg.run.eval_every == 0 or self.next_epoch == self.cfg.run.num_epochs:
+            metrics["eval_reward_mean"] = self.evaluate(epoch)
+        if self.run_folder is not None:
+            self.run_folder.append_metrics(metrics)
+            self.run_folder.plot_rewards()
+        if self.next_epoch % self.cfg.run.save_every == 0 or self.next_epoch == self.cfg.run.num_epochs:
+            self.save()
+        log.info(
+            "epoch %d: reward %.4f ± %.4f, loss %.4g, kl %.3g, clipfrac %.3f, %.1f samples/s",
+            epoch,
+            metrics["reward_mean"],
+            metrics["reward_std"],
+            metrics["loss"],
+            metrics["approx_kl"],
+            metrics["clipfrac"],
+            metrics["samples_per_s"],
+        )
+        return metrics
+
+    # -- 1. sampling -------------------------------------------------------------------------
+    def epoch_batch_plan(self, epoch: int, batch: int) -> tuple[list[str], list[int]]:
+        """Prompts and noise seeds of one sampling batch: a function of (seed, epoch, batch, rank)."""
+        key = (self.cfg.run.seed, epoch, batch, self.rank)
+        rng = np.random.default_rng(derive_seed(*key, 0))
+        prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), self.cfg.sample.batch_size)]
+        base = derive_seed(*key, 1)
+        seeds = [(base + i) % 2**63 for i in range(self.cfg.sample.batch_size)]
+        return prompts, seeds
+
+    def sample_epoch(self, epoch: int) -> tuple[Trajectories, list[Future[RewardResult]]]:
+        self.policy.unet.eval()
+        batches, futures = [], []
+        bar = tqdm(
+            range(self.cfg.sample.num_batches_per_epoch),
+            desc=f"epoch {epoch} sampling",
+            disable=not (self.cfg.run.progress and self.is_main),
+            leave=False,
+        )
+        for b in bar:
+            prompts, seeds = self.epoch_batch_plan(epoch, b)
+            traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds)
+            futures.append(self.reward_client.submit(traj.images, prompts))
+            batches.append(traj)
+        return Trajectories.cat(batches), futures
+
+    # -- 3. advantages -----------------------------------------------------------------------
+    def compute_advantages(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+        if self.tracker is not None:
+            return self.tracker.update(prompts, rewards)
+        return normalize_globally(rewards)
+
+    # -- 4. update ---------------------------------------------------------------------------
+    def update(self, epoch: int, samples: Trajectories, rewards: np.ndarray, advantages: np.ndarray) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        policy = self.policy
+        policy.unet.train()
+        policy.scheduler.set_timesteps(cfg.sample.num_steps, device=policy.device)
+        num_timesteps = cfg.num_train_timesteps()
+        n, steps = len(samples), samples.timesteps.shape[1]
+        adv_all = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
+        rwr_w = None
+        if t.algorithm == "rwr":
+            rwr_w = torch.as_tensor(
+                rwr_weights(rewards, t.rwr_weighting, t.rwr_temperature, t.rwr_percentile),
+                dtype=torch.float32,
+                device=policy.device,
+            )
+
+        infos: list[LossInfo] = []
+        losses: list[float] = []
+        grad_norms: list[float] = []
+        total_minibatches = t.num_inner_epochs * (n // t.batch_size)
+        bar = tqdm(
+            total=total_minibatches,
+            desc=f"epoch {epoch} training",
+            disable=not (cfg.run.progress and self.is_main),
+            leave=False,
+        )
+        for inner in range(t.num_inner_epochs):
+            gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, epoch, inner, self.rank, 2))
+            order = torch.randperm(n, generator=gen)
+            # Each sample trains on its own random subset/order of denoising steps.
+            step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])
+            self.optimizer.zero_grad(set_to_none=True)
+            for mb_index, start in enumerate(range(0, n, t.batch_size)):
+                idx = order[start : start + t.batch_size]
+                perm = step_perm[idx]
+                boundary = (mb_index + 1) % t.gradient_accumulation_steps == 0
+                with self._grad_sync(boundary):
+                    if t.algorithm == "rwr":
+                        loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen)
+                    else:
+                        loss_sum = self._pg_minibatch(samples, idx, perm, adv_all, num_timesteps, infos)
+                losses.append(loss_sum)
+                if boundary:
+                    grad_norms.append(self._optimizer_step())
+                bar.update(1)
+        bar.close()
+        return {
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "approx_kl": float(np.mean([i.approx_kl for i in infos])) if infos else 0.0,
+            "clipfrac": float(np.mean([i.clipfrac for i in infos])) if infos else 0.0,
+            "ratio_mean": float(np.mean([i.ratio_mean for i in infos])) if infos else 1.0,
+            "first_ratio": infos[0].ratio_mean if infos else 1.0,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "optimizer_steps": len(grad_norms),
+        }
+
+    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos) -> float:
+        """DDPO-IS / DDPO-SF on one minibatch: backward per trained timestep (memory stays flat)."""
+        t, s, policy = self.cfg.train, self.cfg.sample, self.policy
+        scale = 1.0 / (num_timesteps * t.gradient_accumulation_steps)
+        rows = torch.arange(len(idx)).unsqueeze(1)
+        latents = samples.latents[idx][rows, perm]
+        next_latents = samples.next_latents[idx][rows, perm]
+        old_log_probs = samples.log_probs[idx][rows, perm]
+        timesteps = samples.timesteps[idx][rows, perm]
+        prompt_embeds, negative_embeds = samples.prompt_embeds[idx], samples.negative_embeds[idx]
+        adv = adv_all[idx]
+        total = 0.0
+        for j in range(num_timesteps):
+            eps = policy.predict_noise(
+                latents[:, j], timesteps[:, j], prompt_embeds, negative_embeds, s.guidance_scale
+            )
+            _, log_prob = ddim_step_with_logprob(
+                policy.scheduler,
+                eps,
+                timesteps[:, j],
+                latents[:, j],
+                eta=s.eta,
+                prev_sample=next_latents[:, j],
+            )
+            old = old_log_probs[:, j].to(log_prob.device)
+            if t.algorithm == "ddpo_is":
+                loss, info = ppo_clip_loss(adv, log_prob, old, t.clip_range, t.adv_clip_max)
+            else:
+                loss, info = score_function_loss(adv, log_prob, old, t.adv_clip_max)
+            (loss * scale).backward()
+            infos.append(info)
+            total += loss.item() / num_timesteps
+        return total
+
+    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen) -> float:
+        """RWR: weighted denoising loss on the sampled final latents at random noise levels."""
+        t, policy = self.cfg.train, self.policy
+        scheduler = policy.scheduler
+        scale = 1.0 / (num_timesteps * t.gradient_accumulation_steps)
+        x0 = samples.next_latents[idx, -1]
+        embeds = samples.prompt_embeds[idx]
+        total = 0.0
+        for _ in range(num_timesteps):
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+            tt = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(
+                x0.device
+            )
+            noisy = scheduler.add_noise(x0, noise, tt)
+            target = (
+                noise
+                if scheduler.config.prediction_type == "epsilon"
+                else scheduler.get_velocity(x0, noise, tt)
+            )
+            pred = policy.predict_noise(noisy, tt, embeds, embeds, guidance_scale=1.0)
+            loss = rwr_loss(pred, target, weights[idx])
+            (loss * scale).backward()
+            total += loss.item() / num_timesteps
+        return total
+
+    def _grad_sync(self, boundary: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce gradients only on the accumulation boundary."""
+        if not boundary and hasattr(self.policy.unet_forward, "no_sync"):
+            return self.policy.unet_forward.no_sync()
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self) -> float:
+        params = self.policy.trainable_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return float(grad_norm)
+
+    # -- 5. eval grid and checkpoints --------------------------------------------------------
+    def eval_plan(self) -> tuple[list[str], list[int]]:
+        """The same prompts and seeds at every eval, so the grids show progress."""
+        n = self.cfg.run.eval_num_images
+        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, EVAL_STREAM, 0))
+        prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), n)]
+        base = derive_seed(self.cfg.run.seed, EVAL_STREAM, 1)
+        return prompts, [(base + i) % 2**63 for i in range(n)]
+
+    def evaluate(self, epoch: int) -> float:
+        self.policy.unet.eval()
+        prompts, seeds = self.eval_plan()
+        traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds, keep_trajectory=False)
+        rewards = self.reward_client.submit(traj.images, prompts).result().rewards
+        if self.run_folder is not None:
+            self.run_folder.save_grid(epoch, traj.images, prompts, rewards.tolist())
+        return float(rewards.mean())
+
+    def save(self) -> None:
+        if self.run_folder is None:
+            return
+        state = TrainingState(
+            next_epoch=self.next_epoch,
+            global_step=self.global_step,
+            trainable=self.policy.trainable_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            stat_tracker=self.tracker.state_dict() if self.tracker is not None else None,
+            rng=capture_rng(),
+        )
+        path = save_checkpoint(
+            self.run_folder.checkpoints_dir,
+            state,
+            self.policy.unet,
+            self.cfg.model.use_lora,
+            self.cfg.run.keep_checkpoints,
+        )
+        log.info("saved checkpoint %s", path)
