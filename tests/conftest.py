@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -31,26 +29,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# --- reward server ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start_reward_server() -> Iterator[Callable[..., str]]:
-    """Factory: ``start_reward_server(settings_overrides, wait_ready=True) -> base_url``.
-
-    A real uvicorn server on a free loopback port (thread in this process), stopped at teardown.
-    The app object is reachable as ``start_reward_server.servers[-1].app`` for white-box checks.
-    """
-    from tests.reward_server.server_utils import RunningServer, start_reward_server_thread
-
-    servers: list[RunningServer] = []
-
-    def start(settings_overrides: dict[str, Any] | None = None, wait_ready: bool = True) -> str:
-        running = start_reward_server_thread(settings_overrides, wait_ready=wait_ready)
-        servers.append(running)
-        return running.base_url
-
-    start.servers = servers  # type: ignore[attr-defined]
-    yield start
-    for running in servers:
-        running.stop()
+# The real-uvicorn reward-server fixture, for every test folder (defined in tests/reward_server).
+from tests.reward_server.server_utils import start_reward_server  # noqa: E402, F401  (fixture)
