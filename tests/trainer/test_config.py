@@ -1,0 +1,98 @@
+"""Configuration: presets validate, bad values and unknown fields are errors that name the field."""
+
+import json
+
+import pytest
+
+from trainer.cli import main
+from trainer.config import PRESETS, ConfigError, build_config, describe_fields, parse_overrides
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_are_valid(preset):
+    cfg = build_config(preset)
+    assert cfg.sample.eta > 0
+
+
+def test_paper_presets_use_paper_hyperparameters():
+    cfg = build_config("compressibility")
+    assert cfg.model.pretrained == "CompVis/stable-diffusion-v1-4" and cfg.model.dtype == "fp16"
+    assert (cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale) == (50, 1.0, 5.0)
+    assert cfg.train.learning_rate == 3e-4 and cfg.train.clip_range == 1e-4 and cfg.train.adv_clip_max == 5
+    assert cfg.sample.batch_size * cfg.sample.num_batches_per_epoch * 8 == 256  # 8 GPUs
+    assert build_config("aesthetic").advantage.buffer_size == 32
+    assert build_config("alignment").prompts.set == "animal_activities"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--train.learning_rate", "-1"], "train.learning_rate"),
+        (["--sample.eta", "0"], "sample.eta"),
+        (["--sample.nonsense", "1"], "sample.nonsense"),
+        (["--model.dtype", "fp8"], "model.dtype"),
+        (["--train.batch_size", "3"], "train.batch_size"),
+        (["--prompts.set", "file"], "prompts.path"),
+        (["--advantage.min_count", "99"], "advantage.min_count"),
+        (["--train.algorithm", "ddpo_sf", "--train.num_inner_epochs", "2"], "train.num_inner_epochs"),
+    ],
+)
+def test_bad_values_name_the_field(args, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_config("tiny", parse_overrides(args))
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"valid presets: .*tiny"):
+        build_config("nope")
+
+
+def test_overrides_parse_json_values_and_equals_form():
+    overrides = parse_overrides(
+        [
+            "--train.learning_rate=1e-3",
+            "--model.lora_target_modules",
+            '["to_q"]',
+            "--sample.negative_prompt",
+            "blurry",
+        ]
+    )
+    cfg = build_config("tiny", overrides)
+    assert cfg.train.learning_rate == 1e-3
+    assert cfg.model.lora_target_modules == ["to_q"]
+    assert cfg.sample.negative_prompt == "blurry"
+    with pytest.raises(ConfigError, match="missing value"):
+        parse_overrides(["--train.learning_rate"])
+
+
+def test_every_field_is_documented():
+    from trainer.config import Config
+
+    for section in Config.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, f"{section.annotation.__name__}.{name} has no description"
+    text = describe_fields()
+    assert "--train.clip_range" in text and "--reward.name" in text
+
+
+def test_cli_errors_exit_2_with_the_field(capsys):
+    assert main(["--preset", "tiny", "--train.learning_rate", "abc"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+
+
+def test_cli_print_config(capsys, tmp_path):
+    extra = tmp_path / "c.json"
+    extra.write_text(json.dumps({"run": {"num_epochs": 3}}))
+    assert (
+        main(["--preset", "tiny", "--config", str(extra), "--sample.num_steps", "7", "--print-config"]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["run"]["num_epochs"] == 3 and printed["sample"]["num_steps"] == 7
+
+
+def test_cli_help_lists_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--sample.guidance_scale" in out and "tiny" in out
