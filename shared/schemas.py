@@ -87,3 +87,40 @@ class RewardList(BaseModel):
     """``GET /rewards``: the reward names this server can compute."""
 
     rewards: list[str]
+
+
+# --- Redis Streams transport (docs/transport.md) --------------------------------------------------
+
+REDIS_SCHEMA_VERSION = 1
+
+
+class RedisJob(BaseModel):
+    """One entry of the job stream (field ``job``): a ``ScoreRequest`` plus where to answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(default=REDIS_SCHEMA_VERSION, description="Envelope schema version.")
+    request: ScoreRequest
+    reply_to: str = Field(min_length=1, description="Stream the submitting trainer reads its results from.")
+    submitted_at: float = Field(description="Unix time the trainer queued the job.")
+    expires_at: float | None = Field(
+        default=None, description="Unix time after which the trainer no longer waits: skip the work."
+    )
+
+
+class RedisResult(BaseModel):
+    """The answer to one job, stored once per ``request_id`` and sent to the job's ``reply_to`` stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    ok: bool
+    response: ScoreResponse | None = None
+    error: ErrorResponse | None = None
+    worker: str = Field(default="", description="Consumer name of the worker that answered.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RedisResult:
+        if self.ok != (self.response is not None) or self.ok == (self.error is not None):
+            raise ValueError("a result holds a response when ok, an error otherwise")
+        return self

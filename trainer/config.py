@@ -112,13 +112,130 @@ class PromptConfig(_Section):
     path: str | None = Field(None, description="Prompt file for set='file'.")
 
 
+class RewardComponent(_Section):
+    """One term of a combined reward: ``weight * reward``, each from its own server or stream."""
+
+    name: str = Field(description="Reward name as registered by the reward server.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum.")
+    transport: Literal["local", "http", "redis"] | None = Field(
+        None, description="Transport of this component; default: reward.transport."
+    )
+    urls: list[str] | None = Field(
+        None, description="http: reward servers of this component; default: reward.urls."
+    )
+    redis_stream: str | None = Field(
+        None, description="redis: job stream of this component; default: reward.redis_stream."
+    )
+
+
 class RewardConfig(_Section):
     name: str = Field(
         "jpeg_compressibility",
         description="Reward name as registered by the reward server (jpeg_compressibility, "
-        "jpeg_incompressibility, aesthetic, llava_bertscore, ...).",
+        "jpeg_incompressibility, aesthetic, llava_bertscore, ...). With `components`: the run's label "
+        "of the combined reward, set to e.g. '0.5*aesthetic+1*llava_bertscore'.",
     )
-    transport: str = Field("local", description="How rewards are computed: 'local' (in process).")
+    transport: Literal["local", "http", "redis"] = Field(
+        "local",
+        description="How rewards are computed: 'local' (in process), 'http' (POST /score on reward "
+        "servers), 'redis' (jobs on a Redis Stream consumed by ddpo-reward-worker processes).",
+    )
+    components: list[RewardComponent] = Field(
+        default_factory=list,
+        description="Combined reward: weighted sum of these rewards (details merged under each name); "
+        "empty: the single reward `name`.",
+    )
+    on_failure: Literal["error", "drop"] = Field(
+        "error",
+        description="A batch whose reward cannot be obtained within the retry budget: 'error' stops "
+        "training with the reason; 'drop' leaves its samples out of the update and counts them.",
+    )
+    deadline_s: float = Field(
+        600.0, gt=0, description="Most seconds one batch may take, queueing and retries included."
+    )
+    # --- http ---
+    urls: list[str] = Field(
+        default_factory=list, description="http: reward server base URLs, e.g. ['http://127.0.0.1:8000']."
+    )
+    embed_server: bool = Field(
+        False,
+        description="http: start a reward server process on a free loopback port for this run (serving "
+        "the configured rewards), stopped when training ends; leave `urls` empty.",
+    )
+    load_balancing: Literal["least_loaded", "round_robin"] = Field(
+        "least_loaded", description="http: how a request picks one of several `urls`."
+    )
+    api_key_env: str = Field(
+        "DDPO_REWARD_API_KEY",
+        description="http: environment variable holding the servers' bearer token (unset: no token). "
+        "The token itself never goes into the config (run folders keep a copy of it).",
+    )
+    attempt_timeout_s: float = Field(120.0, gt=0, description="http: timeout of one POST /score attempt.")
+    max_attempts: int = Field(
+        6, ge=1, le=100, description="http: attempts per batch on connection errors, 408, 429 and 5xx."
+    )
+    backoff_initial_s: float = Field(
+        0.25, ge=0, description="http: delay before the first retry; doubles each retry, with jitter."
+    )
+    backoff_max_s: float = Field(10.0, ge=0, description="http: longest delay between two attempts.")
+    max_connections: int = Field(16, ge=1, description="http: pooled connections per client.")
+    # --- redis ---
+    redis_url: str | None = Field(
+        None,
+        description="redis: e.g. redis://host:6379/0 or rediss://user@host:6380/0. Put the password in "
+        "the environment variable named by `redis_password_env`, not here.",
+    )
+    redis_password_env: str = Field(
+        "DDPO_REDIS_PASSWORD", description="redis: environment variable holding the Redis password (AUTH)."
+    )
+    redis_stream: str = Field("ddpo:rewards:jobs", description="redis: the job stream workers consume.")
+    redis_group: str = Field("reward-workers", description="redis: consumer group of the workers.")
+    redis_prefix: str = Field(
+        "ddpo:rewards", description="redis: key prefix of result keys and per-trainer reply streams."
+    )
+    redis_max_queued_jobs: int = Field(
+        10000, ge=1, description="redis: submit waits while the job stream holds this many jobs."
+    )
+
+    @model_validator(mode="after")
+    def _transport_settings(self) -> RewardConfig:
+        label = "+".join(f"{c.weight:g}*{c.name}" for c in self.components)
+        if self.components and self.name != label:  # (assignment re-runs this validator)
+            self.name = label
+        names = [c.name for c in self.components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"components: each reward may appear once, got {names}")
+        for where, transport, urls in [("", self.transport, self.urls)] + [
+            (
+                f"components[{i}]: ",
+                c.transport or self.transport,
+                c.urls if c.urls is not None else self.urls,
+            )
+            for i, c in enumerate(self.components)
+        ]:
+            if transport == "http" and not urls and not self.embed_server:
+                raise ValueError(f"{where}transport 'http' needs urls (or embed_server: true)")
+            if transport == "redis" and not self.redis_url:
+                raise ValueError(f"{where}transport 'redis' needs redis_url")
+        if self.embed_server and self.urls:
+            raise ValueError("embed_server starts its own server: leave urls empty")
+        for url in self.urls + [u for c in self.components for u in c.urls or []]:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"urls: {url!r} is not an http:// or https:// URL")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return self
+
+    def single(self, component: RewardComponent) -> RewardConfig:
+        """The config of one component as a single reward (its overrides applied)."""
+        update: dict[str, Any] = {"name": component.name, "components": []}
+        if component.transport is not None:
+            update["transport"] = component.transport
+        if component.urls is not None:
+            update["urls"] = component.urls
+        if component.redis_stream is not None:
+            update["redis_stream"] = component.redis_stream
+        return self.model_copy(update=update)
 
 
 class RunConfig(_Section):

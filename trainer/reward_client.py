@@ -93,17 +93,57 @@ class LocalRewardClient(RewardClient):
         self._pool.shutdown(wait=True)
 
 
-# name -> factory(reward_config) ; the transports issue adds "http" and "redis".
+def _http_client(cfg: Any) -> RewardClient:
+    from trainer.transports.http import http_client_from_config
+
+    if not cfg.embed_server or cfg.urls:
+        return http_client_from_config(cfg)
+    from trainer.embedded import EmbeddedRewardServer
+    from trainer.transports.combined import OwningClient
+
+    server = EmbeddedRewardServer([cfg.name]).start()
+    try:
+        return OwningClient(http_client_from_config(cfg, [server.url]), [server.stop])
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _redis_client(cfg: Any) -> RewardClient:
+    from trainer.transports.redis import redis_client_from_config
+
+    return redis_client_from_config(cfg)
+
+
+# name -> factory(reward_config). Remote transports import httpx/redis only when chosen.
 REWARD_TRANSPORTS: dict[str, Callable[[Any], RewardClient]] = {
     "local": lambda cfg: LocalRewardClient(cfg.name),
+    "http": _http_client,
+    "redis": _redis_client,
 }
 
 
-def make_reward_client(cfg: Any) -> RewardClient:
-    """Build the reward client named by ``cfg.transport`` (a ``RewardConfig``)."""
+def _single_client(cfg: Any) -> RewardClient:
     try:
         factory = REWARD_TRANSPORTS[cfg.transport]
     except KeyError:
         valid = ", ".join(sorted(REWARD_TRANSPORTS))
         raise ValueError(f"reward.transport: unknown transport {cfg.transport!r}; valid: {valid}") from None
     return factory(cfg)
+
+
+def make_reward_client(cfg: Any) -> RewardClient:
+    """Build the reward client of a ``RewardConfig``: one transport, or a weighted sum of components."""
+    if not getattr(cfg, "components", None):
+        return _single_client(cfg)
+    from trainer.transports.combined import CombinedRewardClient, Component
+
+    parts: list[Component] = []
+    try:
+        for component in cfg.components:
+            parts.append(Component(component.name, component.weight, _single_client(cfg.single(component))))
+    except BaseException:
+        for part in parts:
+            part.client.close()
+        raise
+    return CombinedRewardClient(parts)

@@ -1,0 +1,112 @@
+"""Pieces shared by the remote transports: a private event loop thread, backoff, request building."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shared.codec import encode_png_b64
+from shared.schemas import ScoreRequest, ScoreResponse
+from trainer.reward_client import RewardResult
+from trainer.transports.errors import RewardError
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An asyncio loop running in a daemon thread owned by one client.
+
+    The trainer is synchronous; coroutines scheduled here come back as ``concurrent.futures``.
+    """
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def stop(self, cleanup: Coroutine[Any, Any, Any] | None = None, timeout: float = 10.0) -> None:
+        """Cancel what still runs (its futures end cancelled), run ``cleanup``, stop the thread."""
+        if not self._thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if cleanup is not None:
+                await cleanup
+
+        try:
+            self.submit(shutdown()).result(timeout)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Exponential backoff with jitter: about initial * 2**(attempt-1), capped; attempt counts from 1.
+
+    Jitter in [d/2, d] keeps many trainers from retrying in lock-step after a server restart.
+    """
+    delay = min(maximum, initial * 2 ** (attempt - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the server sends integer seconds; HTTP dates are not used here)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, seconds)
+
+
+def build_request(
+    request_id: str,
+    reward: str,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]] | None,
+) -> ScoreRequest:
+    """The wire request; PNG encoding is the expensive part (run it off the sampling thread)."""
+    return ScoreRequest(
+        request_id=request_id,
+        reward=reward,
+        images=[encode_png_b64(image) for image in images],
+        prompts=list(prompts),
+        metadata=list(metadata) if metadata is not None else None,
+    )
+
+
+def to_result(response: ScoreResponse, request_id: str, reward: str, batch: int) -> RewardResult:
+    """Check the answer belongs to this request and has one reward per image; make the trainer's result."""
+    if response.request_id != request_id or response.reward != reward:
+        raise RewardError(
+            f"answer for request {response.request_id!r}/{response.reward!r}, "
+            f"expected {request_id!r}/{reward!r}",
+            request_id,
+        )
+    if len(response.rewards) != batch:
+        raise RewardError(f"{len(response.rewards)} rewards for {batch} images", request_id)
+    return RewardResult(rewards=np.asarray(response.rewards, dtype=np.float64), details=response.details)

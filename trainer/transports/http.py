@@ -1,0 +1,247 @@
+"""``http`` transport: ``POST /score`` on one or more reward servers, from a background event loop.
+
+Per batch: encode the PNGs off the sampling thread, then up to ``max_attempts`` attempts within
+``deadline_s``. Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
+and jitter (``Retry-After`` honoured when longer); any other 4xx fails at once with the server's
+reason. Every attempt carries the same ``request_id``, so the server's idempotency cache never
+scores a retried batch twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import ValidationError
+
+from shared.schemas import ErrorResponse, ScoreResponse
+from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
+from trainer.transports.base import BackgroundLoop, backoff_delay, build_request, parse_retry_after, to_result
+from trainer.transports.errors import (
+    RewardDeadlineError,
+    RewardError,
+    RewardRejectedError,
+    RewardUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+class _Retryable(Exception):
+    """One failed attempt that may succeed if repeated."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, refused: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.refused = refused
+
+
+class HttpRewardClient(RewardClient):
+    """Scores batches with ``reward`` on the reward servers at ``urls``."""
+
+    def __init__(
+        self,
+        reward: str,
+        urls: Sequence[str],
+        *,
+        api_key: str | None = None,
+        deadline_s: float = 600.0,
+        attempt_timeout_s: float = 120.0,
+        max_attempts: int = 6,
+        backoff_initial_s: float = 0.25,
+        backoff_max_s: float = 10.0,
+        max_connections: int = 16,
+        load_balancing: str = "least_loaded",
+    ):
+        if not urls:
+            raise ValueError("HttpRewardClient needs at least one server URL")
+        if load_balancing not in ("least_loaded", "round_robin"):
+            raise ValueError(f"unknown load_balancing {load_balancing!r}")
+        self.reward = reward
+        self.urls = [u.rstrip("/") for u in urls]
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.load_balancing = load_balancing
+        self._inflight = dict.fromkeys(self.urls, 0)
+        self._turn = itertools.count()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._loop = BackgroundLoop(f"reward-http-{reward}")
+        self._client: httpx.AsyncClient = self._loop.run(self._make_client(headers, limits))
+        self._closed = False
+
+    @staticmethod
+    async def _make_client(headers: dict[str, str], limits: httpx.Limits) -> httpx.AsyncClient:
+        # Created inside the loop that will use it.
+        return httpx.AsyncClient(headers=headers, limits=limits, timeout=None)
+
+    # -- public ----------------------------------------------------------------------------------
+    def submit(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Future[RewardResult]:
+        if self._closed:
+            raise RuntimeError("the reward client is closed")
+        check_images(images, prompts)
+        rid = request_id or new_request_id()
+        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.stop(self._client.aclose())
+
+    # -- internals -------------------------------------------------------------------------------
+    def _pick_url(self, avoid: str | None) -> str:
+        """Least-loaded (fewest of this client's requests in flight; ties in turn) or round-robin.
+
+        A retry avoids the server that just failed when there is another one.
+        """
+        candidates = [u for u in self.urls if u != avoid] or self.urls
+        start = next(self._turn)
+        rotated = [candidates[(start + i) % len(candidates)] for i in range(len(candidates))]
+        if self.load_balancing == "round_robin":
+            return rotated[0]
+        return min(rotated, key=lambda u: self._inflight[u])
+
+    async def _score(
+        self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
+    ) -> RewardResult:
+        started = time.monotonic()
+        deadline = started + self.deadline_s
+        request = await asyncio.to_thread(build_request, rid, self.reward, images, prompts, metadata)
+        body = request.model_dump_json().encode()
+        failed_url: str | None = None
+        last: _Retryable | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            url = self._pick_url(failed_url)
+            try:
+                response = await self._attempt(url, body, min(self.attempt_timeout_s, remaining))
+                return to_result(response, rid, self.reward, len(prompts))
+            except _Retryable as err:
+                last, failed_url = err, url
+                log.info("reward request %s attempt %d/%d: %s", rid, attempt, self.max_attempts, err.reason)
+            if attempt == self.max_attempts:
+                break
+            delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s)
+            if last.retry_after is not None:
+                delay = max(delay, last.retry_after)
+            if time.monotonic() + delay >= deadline:
+                raise RewardDeadlineError(
+                    f"deadline of {self.deadline_s:g} s would pass before attempt {attempt + 1} "
+                    f"of request {rid} ({self.reward}); last error: {last.reason}",
+                    rid,
+                )
+            await asyncio.sleep(delay)
+        elapsed = time.monotonic() - started
+        if last is None or time.monotonic() >= deadline:
+            reason = f"; last error: {last.reason}" if last else ""
+            raise RewardDeadlineError(
+                f"deadline of {self.deadline_s:g} s exceeded for request {rid} ({self.reward}){reason}", rid
+            )
+        hint = " (is the reward server running?)" if last.refused else ""
+        raise RewardUnavailableError(
+            f"{last.reason} after {attempt} attempts in {elapsed:.1f} s, request {rid} ({self.reward}){hint}",
+            rid,
+        )
+
+    async def _attempt(self, url: str, body: bytes, timeout: float) -> ScoreResponse:
+        endpoint = f"{url}/score"
+        self._inflight[url] += 1
+        try:
+            response = await self._client.post(
+                endpoint, content=body, headers={"Content-Type": "application/json"}, timeout=timeout
+            )
+        except httpx.ConnectError as err:
+            refused = _caused_by(err, ConnectionRefusedError)
+            what = "connection refused" if refused else f"cannot connect ({err})"
+            raise _Retryable(f"{what} to {endpoint}", refused=refused) from None
+        except httpx.TimeoutException:
+            raise _Retryable(f"no answer from {endpoint} within {timeout:.1f} s") from None
+        except httpx.TransportError as err:  # reset, closed mid-response (server restarting), ...
+            raise _Retryable(f"{type(err).__name__} talking to {endpoint}: {err}") from None
+        finally:
+            self._inflight[url] -= 1
+        if response.status_code == 200:
+            try:
+                return ScoreResponse.model_validate_json(response.content)
+            except ValidationError as err:
+                raise RewardError(f"malformed answer from {endpoint}: {err}") from None
+        reason = _error_reason(response)
+        if response.status_code in RETRY_STATUSES:
+            raise _Retryable(
+                f"HTTP {response.status_code} from {endpoint}: {reason}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        error = _error_code(response)
+        raise RewardRejectedError(
+            f"HTTP {response.status_code} from {endpoint} ({error or 'error'}): {reason}",
+            status=response.status_code,
+            code=error,
+        )
+
+
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    """True if ``kind`` is anywhere in the exception chain (httpx wraps the OS error twice)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _error_body(response: httpx.Response) -> ErrorResponse | None:
+    try:
+        return ErrorResponse.model_validate_json(response.content)
+    except ValidationError:
+        return None
+
+
+def _error_reason(response: httpx.Response) -> str:
+    body = _error_body(response)
+    return body.reason if body is not None else response.text[:500] or response.reason_phrase
+
+
+def _error_code(response: httpx.Response) -> str:
+    body = _error_body(response)
+    return body.error if body is not None else ""
+
+
+def http_client_from_config(cfg: Any, urls: Sequence[str] | None = None) -> HttpRewardClient:
+    """``RewardConfig`` -> client. The bearer token comes from the env variable ``cfg.api_key_env``."""
+    return HttpRewardClient(
+        cfg.name,
+        urls if urls is not None else cfg.urls,
+        api_key=os.environ.get(cfg.api_key_env) or None,
+        deadline_s=cfg.deadline_s,
+        attempt_timeout_s=cfg.attempt_timeout_s,
+        max_attempts=cfg.max_attempts,
+        backoff_initial_s=cfg.backoff_initial_s,
+        backoff_max_s=cfg.backoff_max_s,
+        max_connections=cfg.max_connections,
+        load_balancing=cfg.load_balancing,
+    )
