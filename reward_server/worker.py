@@ -1,0 +1,483 @@
+"""``ddpo-reward-worker``: score jobs from a Redis Stream with the reward server's own scoring service.
+
+Each worker is one consumer of a consumer group on the job stream (docs/transport.md). For every
+job it runs the same ``RewardService`` as ``POST /score`` (registry, batching across concurrent
+jobs, limits, error mapping), stores the result once per ``request_id`` (SET NX) and notifies the
+submitting trainer in the same atomic step, and only then acknowledges (XACK) and deletes the job.
+A worker that dies leaves its jobs pending; live workers take them over (XAUTOCLAIM) once they
+have been idle for ``claim_idle_s``. While a job is being scored its worker refreshes the job's
+idle time, so slow jobs of a live worker are not stolen. Poison jobs (undecodable, unknown reward,
+bad images, redelivered too often) go to the dead-letter stream and are answered with an error.
+
+    ddpo-reward-worker --redis-url redis://127.0.0.1:6379/0 --rewards jpeg_compressibility
+    ddpo-reward-worker --help     # worker flags (DDPO_WORKER_*) and every server setting (DDPO_REWARD_*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from reward_server.errors import ApiError
+from reward_server.metrics import ServerMetrics
+from reward_server.service import RewardService
+from reward_server.settings import ServerSettings
+from shared.redis_streams import (
+    JOB_FIELD,
+    STORE_RESULT_LUA,
+    connect,
+    dead_letter_key,
+    result_key,
+    safe_url,
+)
+from shared.schemas import ErrorResponse, RedisJob, RedisResult, ScoreResponse
+
+logger = logging.getLogger("ddpo-reward-worker")
+
+# Scoring errors worth another try in this worker: overloaded, VLM failed, not ready, scorer crashed.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_DEAD_LETTER_PAYLOAD = 1_000_000  # bytes of the original job kept in the dead-letter entry
+
+
+class WorkerSettings(BaseSettings):
+    """Worker knobs, env ``DDPO_WORKER_<FIELD>``. Scoring settings are the server's (``DDPO_REWARD_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPO_WORKER_", extra="forbid")
+
+    redis_url: str = Field(
+        default_factory=lambda: os.environ.get("DDPO_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        description="Redis URL (redis://, rediss:// or unix://); default: $DDPO_REDIS_URL or local Redis.",
+    )
+    redis_password: str | None = Field(
+        default_factory=lambda: os.environ.get("DDPO_REDIS_PASSWORD"),
+        repr=False,
+        description="Redis AUTH password (default: $DDPO_REDIS_PASSWORD); a password in the URL wins.",
+    )
+    stream: str = Field(default="ddpo:rewards:jobs", description="Job stream to consume.")
+    group: str = Field(default="reward-workers", description="Consumer group shared by the workers.")
+    prefix: str = Field(default="ddpo:rewards", description="Key prefix of result keys.")
+    consumer: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="This worker's consumer name (unique per live worker).",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, description="Jobs scored at once (the scoring service batches them together)."
+    )
+    claim_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A job pending this long without its worker refreshing it is taken over (dead worker).",
+    )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="A job delivered more often than this (it keeps killing workers) is dead-lettered.",
+    )
+    score_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts of a job whose scoring fails transiently (429, 5xx) in this worker.",
+    )
+    result_ttl_s: int = Field(default=3600, ge=1, description="Seconds results and reply streams are kept.")
+    reply_maxlen: int = Field(
+        default=10000, ge=1, description="Approximate length bound of each reply stream."
+    )
+    dead_letter_maxlen: int = Field(
+        default=10000, ge=1, description="Approximate length bound of the dead-letter stream."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long running jobs may finish (the rest are reclaimed).",
+    )
+
+
+class RewardWorker:
+    def __init__(self, settings: WorkerSettings, server_settings: ServerSettings):
+        self.settings = settings
+        self.server_settings = server_settings
+        self.service = RewardService(server_settings, ServerMetrics())
+        self.dead_letter = dead_letter_key(settings.stream)
+        self.running: dict[bytes, asyncio.Task[None]] = {}
+        self.scored = 0  # jobs whose result this worker stored
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.redis = await connect(s.redis_url, s.redis_password)
+        self.store_result = self.redis.register_script(STORE_RESULT_LUA)
+        try:
+            await self.ensure_group()
+            await self.service.load()
+            if self.service.load_error is not None:
+                raise RuntimeError(self.service.load_error)
+            logger.info(
+                "consumer %s ready on stream %s (group %s, Redis %s), rewards: %s",
+                s.consumer,
+                s.stream,
+                s.group,
+                safe_url(s.redis_url),
+                ", ".join(self.service.reward_names),
+            )
+            await self.consume(stop)
+        finally:
+            await self.drain()
+            await self.service.close()
+            await self.redis.aclose()
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    async def drain(self) -> None:
+        """Let running jobs finish for ``shutdown_grace_s``; cancel the rest (they stay pending)."""
+        if not self.running:
+            return
+        _, still = await asyncio.wait(self.running.values(), timeout=self.settings.shutdown_grace_s)
+        for task in still:
+            task.cancel()
+        await asyncio.gather(*still, return_exceptions=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def consume(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        claim_every = max(0.05, s.claim_idle_s / 4)
+        next_claim = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_claim:
+                    await self.refresh_running()
+                    await self.reclaim()
+                    next_claim = time.monotonic() + claim_every
+                free = s.concurrency - len(self.running)
+                if free <= 0:
+                    await asyncio.wait(
+                        self.running.values(), timeout=claim_every, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    continue
+                block_ms = int(min(1.0, claim_every) * 1000)
+                entries = await self.redis.xreadgroup(
+                    s.group, s.consumer, {s.stream: ">"}, count=free, block=block_ms
+                )
+                for _stream, messages in entries or []:
+                    for message_id, fields in messages:
+                        self.start(message_id, fields, deliveries=1)
+            except ResponseError as err:
+                if "NOGROUP" not in str(err):
+                    raise
+                logger.warning("consumer group vanished (Redis restarted without persistence?); recreating")
+                await self.ensure_group()
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                logger.warning("Redis unreachable (%s); retrying in 1 s", err)
+                await asyncio.sleep(1.0)
+
+    def start(self, message_id: bytes, fields: dict[bytes, bytes] | None, deliveries: int) -> None:
+        if message_id in self.running:
+            return
+        task = asyncio.create_task(self.handle_logged(message_id, fields or {}, deliveries))
+        self.running[message_id] = task
+        task.add_done_callback(lambda _t: self.running.pop(message_id, None))
+
+    async def refresh_running(self) -> None:
+        """Reset the idle time of the jobs this worker is scoring, so no one reclaims them."""
+        if self.running:
+            s = self.settings
+            await self.redis.xclaim(s.stream, s.group, s.consumer, 0, list(self.running), justid=True)
+
+    async def reclaim(self) -> None:
+        """Take over jobs left pending by dead workers (idle longer than ``claim_idle_s``)."""
+        s = self.settings
+        start: bytes | str = "0-0"
+        while s.concurrency - len(self.running) > 0:
+            reply = await self.redis.xautoclaim(
+                s.stream,
+                s.group,
+                s.consumer,
+                min_idle_time=int(s.claim_idle_s * 1000),
+                start_id=start,
+                count=s.concurrency - len(self.running),
+            )
+            start, messages = reply[0], reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:  # pending entries whose job was trimmed away: nothing left to do
+                await self.redis.xack(s.stream, s.group, *deleted)
+            for message_id, fields in messages:
+                if fields is None:
+                    await self.redis.xack(s.stream, s.group, message_id)
+                    continue
+                info = await self.redis.xpending_range(s.stream, s.group, message_id, message_id, 1)
+                deliveries = info[0]["times_delivered"] if info else 1
+                logger.info("reclaimed job %s (delivery %d)", _text(message_id), deliveries)
+                self.start(message_id, fields, deliveries)
+            if start in (b"0-0", "0-0"):
+                break
+
+    # -- one job -----------------------------------------------------------------------------
+    async def handle_logged(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        try:
+            await self.handle(message_id, fields, deliveries)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # e.g. Redis gone mid-job: the job stays pending and is reclaimed later
+            logger.exception("job %s failed; left pending for reclaim", _text(message_id))
+
+    async def handle(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        raw = fields.get(JOB_FIELD, b"")
+        try:
+            job = RedisJob.model_validate_json(raw)
+        except ValidationError as err:
+            reason = f"undecodable job: {_short_validation(err)}"
+            rid, reply_to = _salvage_ids(raw)
+            await self.poison(message_id, raw, rid, reply_to, "invalid_job", reason, deliveries)
+            return
+        rid = job.request.request_id
+        if deliveries > self.settings.max_deliveries:
+            reason = (
+                f"delivered {deliveries} times without an answer (it may crash workers); "
+                f"max_deliveries is {self.settings.max_deliveries}"
+            )
+            await self.poison(message_id, raw, rid, job.reply_to, "too_many_deliveries", reason, deliveries)
+            return
+        if job.expires_at is not None and time.time() > job.expires_at:
+            logger.info("job %s (request %s) expired before it was scored; dropped", _text(message_id), rid)
+            await self.ack(message_id)
+            return
+        response, error = await self.score(job)
+        if response is not None:
+            await self.publish(job.reply_to, RedisResult(request_id=rid, ok=True, response=response))
+            await self.ack(message_id)
+            return
+        assert error is not None
+        await self.poison(message_id, raw, rid, job.reply_to, error.error, error.reason, deliveries)
+
+    async def score(self, job: RedisJob) -> tuple[ScoreResponse | None, ErrorResponse | None]:
+        """The service's answer, retrying transient failures a few times (bounded) in this worker."""
+        attempts = self.settings.score_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                response, _replayed = await self.service.score(job.request)
+                return response, None
+            except ApiError as err:
+                error = ErrorResponse(error=err.error, reason=err.reason, request_id=job.request.request_id)
+                if err.status not in TRANSIENT_STATUSES or attempt == attempts:
+                    return None, error
+                delay = min(10.0, 0.5 * 2 ** (attempt - 1))
+                logger.warning(
+                    "request %s: %s (%s); retry in %.1f s",
+                    job.request.request_id,
+                    err.error,
+                    err.reason,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def publish(self, reply_to: str, result: RedisResult) -> bool:
+        """Store the result once (SET NX) and notify the trainer, atomically; False if it already existed."""
+        s = self.settings
+        result.worker = s.consumer
+        stored = await self.store_result(
+            keys=[result_key(s.prefix, result.request_id), reply_to],
+            args=[result.model_dump_json(), s.result_ttl_s, s.reply_maxlen],
+        )
+        if stored:
+            self.scored += 1
+        else:
+            logger.info(
+                "request %s already has a result (duplicate delivery); not sent again", result.request_id
+            )
+        return bool(stored)
+
+    async def poison(
+        self,
+        message_id: bytes,
+        raw: bytes,
+        request_id: str | None,
+        reply_to: str | None,
+        error: str,
+        reason: str,
+        deliveries: int,
+    ) -> None:
+        """Dead-letter the job with its reason, answer the trainer with the error (if known), ack."""
+        s = self.settings
+        logger.warning(
+            "job %s (request %s) dead-lettered: %s: %s", _text(message_id), request_id, error, reason
+        )
+        await self.redis.xadd(
+            self.dead_letter,
+            {
+                "job_id": message_id,
+                "request_id": request_id or "",
+                "error": error,
+                "reason": reason,
+                "consumer": s.consumer,
+                "deliveries": deliveries,
+                "failed_at": time.time(),
+                "job": raw[:MAX_DEAD_LETTER_PAYLOAD],
+            },
+            maxlen=s.dead_letter_maxlen,
+            approximate=True,
+        )
+        if request_id and reply_to:
+            body = ErrorResponse(error=error, reason=reason, request_id=request_id)
+            await self.publish(reply_to, RedisResult(request_id=request_id, ok=False, error=body))
+        await self.ack(message_id)
+
+    async def ack(self, message_id: bytes) -> None:
+        """Acknowledge and delete: the stream then holds only outstanding jobs (its length = the queue)."""
+        s = self.settings
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(s.stream, s.group, message_id)
+            pipe.xdel(s.stream, message_id)
+            await pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _short_validation(err: ValidationError) -> str:
+    parts = [
+        f"{'.'.join(str(x) for x in e.get('loc', ())) or 'job'}: {e.get('msg', 'invalid')}"
+        for e in err.errors(include_url=False, include_input=False)
+    ]
+    return "; ".join(parts)[:1000]
+
+
+def _salvage_ids(raw: bytes) -> tuple[str | None, str | None]:
+    """request_id and reply_to of a job that does not validate, if they can be read at all."""
+    try:
+        data = json.loads(raw)
+        rid, reply_to = data["request"]["request_id"], data["reply_to"]
+    except (ValueError, TypeError, KeyError):
+        return None, None
+    if isinstance(rid, str) and rid and isinstance(reply_to, str) and reply_to:
+        return rid, reply_to
+    return None, None
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def import_extra_rewards(modules: Sequence[str]) -> None:
+    """Import modules (dotted names or .py paths) that register extra rewards before settings are checked."""
+    for name in modules:
+        if name.endswith(".py"):
+            path = Path(name).resolve()
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import {name}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reward_server.cli import build_parser as server_parser
+
+    parser = server_parser()
+    parser.prog = "ddpo-reward-worker"
+    parser.description = (
+        "Score DDPO reward jobs from a Redis Stream (docs/transport.md). Worker flags override "
+        "DDPO_WORKER_* variables; scoring flags (the reward server's) override DDPO_REWARD_*."
+    )
+    group = parser.add_argument_group("worker")
+    group.add_argument(
+        "--extra-rewards-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="Import this module (dotted name or .py path) first; it may register more rewards. Repeatable.",
+    )
+    for name, field in WorkerSettings.model_fields.items():
+        default = (
+            "***"
+            if name == "redis_password"
+            else (field.default if field.default_factory is None else "(computed)")
+        )
+        annotation = field.annotation
+        kind = {int: int, float: float}.get(annotation, str)  # type: ignore[arg-type]
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="worker_" + name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (env DDPO_WORKER_{name.upper()}; default: {default})",
+        )
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None) -> tuple[WorkerSettings, ServerSettings]:
+    # Extra rewards must be registered before ServerSettings checks the reward names.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--extra-rewards-module", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    env_modules = [m for m in os.environ.get("DDPO_WORKER_EXTRA_REWARDS_MODULES", "").split(",") if m]
+    import_extra_rewards(env_modules + known.extra_rewards_module)
+    args = vars(build_parser().parse_args(argv))
+    args.pop("extra_rewards_module", None)
+    worker = {k.removeprefix("worker_"): v for k, v in args.items() if k.startswith("worker_")}
+    server = {k: v for k, v in args.items() if not k.startswith("worker_")}
+    if "rewards" in server:  # also accept "a,b" as one argument
+        server["rewards"] = [r for item in server["rewards"] for r in item.split(",") if r]
+    return WorkerSettings(**worker), ServerSettings(**server)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        worker_settings, server_settings = settings_from_args(argv)
+    except ValidationError as err:
+        problems = "\n".join(
+            f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}"
+            for e in err.errors(include_url=False, include_input=False)
+        )
+        print(f"ddpo-reward-worker: invalid settings:\n{problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=server_settings.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    worker = RewardWorker(worker_settings, server_settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+
+    try:
+        asyncio.run(run())
+    except (ConnectionError, RuntimeError, RedisError) as err:
+        print(f"ddpo-reward-worker: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

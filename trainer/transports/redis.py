@@ -1,0 +1,211 @@
+"""``redis`` transport: jobs onto a Redis Stream, results back on this trainer's own reply stream.
+
+Layout and guarantees are written down in docs/transport.md. In short: the trainer XADDs a
+``RedisJob`` (a ``ScoreRequest`` + ``reply_to``) to the job stream; any ``ddpo-reward-worker`` of
+the consumer group scores it and stores one ``RedisResult`` per ``request_id`` (SET NX), sending
+it to ``reply_to`` in the same atomic step; this client reads its reply stream and resolves the
+batch's future. A batch without a result by its deadline fails with a diagnosis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.redis_streams import JOB_FIELD, RESULT_FIELD, connect, reply_stream_key, safe_url
+from shared.schemas import RedisJob, RedisResult
+from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
+from trainer.transports.base import BackgroundLoop, backoff_delay, build_request, to_result
+from trainer.transports.errors import RewardDeadlineError, RewardError, RewardRejectedError
+
+log = logging.getLogger(__name__)
+
+
+class RedisRewardClient(RewardClient):
+    """Scores batches with ``reward`` through the workers reading ``stream``."""
+
+    def __init__(
+        self,
+        reward: str,
+        redis_url: str,
+        *,
+        password: str | None = None,
+        stream: str = "ddpo:rewards:jobs",
+        group: str = "reward-workers",
+        prefix: str = "ddpo:rewards",
+        deadline_s: float = 600.0,
+        max_queued_jobs: int = 10000,
+    ):
+        self.reward = reward
+        self.redis_url = redis_url
+        self.stream, self.group, self.prefix = stream, group, prefix
+        self.deadline_s = deadline_s
+        self.max_queued_jobs = max_queued_jobs
+        self.client_id = uuid.uuid4().hex[:16]
+        self.reply_stream = reply_stream_key(prefix, self.client_id)
+        self._pending: dict[str, asyncio.Future[RedisResult]] = {}
+        self._loop = BackgroundLoop(f"reward-redis-{reward}")
+        try:
+            self._redis = self._loop.run(connect(redis_url, password), timeout=30)
+        except BaseException:
+            self._loop.stop()
+            raise
+        self._reader = self._loop.submit(self._read_replies())
+        self._closed = False
+
+    # -- public ----------------------------------------------------------------------------------
+    def submit(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Future[RewardResult]:
+        if self._closed:
+            raise RuntimeError("the reward client is closed")
+        check_images(images, prompts)
+        rid = request_id or new_request_id()
+        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def cleanup() -> None:
+            try:
+                await self._redis.delete(self.reply_stream)
+            except RedisError:
+                pass  # it expires anyway
+            await self._redis.aclose()
+
+        self._loop.stop(cleanup())
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _score(
+        self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
+    ) -> RewardResult:
+        deadline = time.monotonic() + self.deadline_s
+        request = await asyncio.to_thread(build_request, rid, self.reward, images, prompts, metadata)
+        now = time.time()
+        job = RedisJob(
+            request=request, reply_to=self.reply_stream, submitted_at=now, expires_at=now + self.deadline_s
+        )
+        waiter: asyncio.Future[RedisResult] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = waiter  # before XADD: a fast worker may answer at once
+        try:
+            await self._enqueue(rid, job.model_dump_json().encode(), deadline)
+            try:
+                result = await asyncio.wait_for(waiter, timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RewardDeadlineError(await self._diagnose(rid), rid) from None
+        finally:
+            self._pending.pop(rid, None)
+        if result.ok:
+            assert result.response is not None
+            return to_result(result.response, rid, self.reward, len(prompts))
+        assert result.error is not None
+        raise RewardRejectedError(
+            f"reward worker {result.worker or '?'} could not score request {rid} ({self.reward}): "
+            f"{result.error.error}: {result.error.reason}",
+            rid,
+            code=result.error.error,
+        )
+
+    async def _enqueue(self, rid: str, payload: bytes, deadline: float) -> None:
+        """XADD the job; wait while the stream is full or Redis is unreachable, up to the deadline."""
+        attempt = 0
+        while True:
+            attempt += 1
+            problem = ""
+            try:
+                queued = await self._redis.xlen(self.stream)
+                if queued < self.max_queued_jobs:
+                    # MAXLEN is a safety net above the XLEN check (several trainers may race past it).
+                    await self._redis.xadd(
+                        self.stream, {JOB_FIELD: payload}, maxlen=2 * self.max_queued_jobs, approximate=True
+                    )
+                    return
+                problem = f"job stream {self.stream} full ({queued} jobs queued)"
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                problem = f"Redis at {safe_url(self.redis_url)} unreachable: {err}"
+            delay = backoff_delay(attempt, 0.1, 2.0)
+            if time.monotonic() + delay >= deadline:
+                raise RewardDeadlineError(f"could not queue request {rid} ({self.reward}): {problem}", rid)
+            log.info("queueing request %s: %s; retrying in %.1f s", rid, problem, delay)
+            await asyncio.sleep(delay)
+
+    async def _read_replies(self) -> None:
+        """Resolve waiting futures from this client's reply stream (results for unknown ids are ignored)."""
+        last_id: bytes | str = "0-0"
+        while True:
+            try:
+                entries = await self._redis.xread({self.reply_stream: last_id}, count=100, block=1000)
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                log.warning("reading replies from Redis failed (%s); retrying", err)
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, messages in entries or []:
+                for message_id, fields in messages:
+                    last_id = message_id
+                    try:
+                        result = RedisResult.model_validate_json(fields[RESULT_FIELD])
+                    except (KeyError, ValidationError) as err:
+                        log.warning("ignoring malformed reply %s: %s", message_id, err)
+                        continue
+                    waiter = self._pending.get(result.request_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(result)
+
+    async def _diagnose(self, rid: str) -> str:
+        """Why no result came: is anyone consuming the stream?"""
+        text = f"no result for request {rid} ({self.reward}) within the deadline of {self.deadline_s:g} s"
+        try:
+            groups = await self._redis.xinfo_groups(self.stream)
+            group = next((g for g in groups if _text(g.get("name")) == self.group), None)
+            queued = await self._redis.xlen(self.stream)
+        except RedisError as err:
+            return f"{text} (Redis: {err})"
+        if group is None:
+            return (
+                f"{text}: no consumer group {self.group!r} on stream {self.stream!r}: "
+                "is ddpo-reward-worker running?"
+            )
+        consumers, pending = group.get("consumers", 0), group.get("pending", 0)
+        hint = " (is ddpo-reward-worker running?)" if consumers == 0 or pending == 0 else ""
+        return (
+            f"{text}: stream {self.stream!r} holds {queued} job(s), group {self.group!r} has "
+            f"{consumers} consumer(s) and {pending} job(s) being worked on{hint}"
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def redis_client_from_config(cfg: Any) -> RedisRewardClient:
+    """``RewardConfig`` -> client. The password comes from the env variable ``cfg.redis_password_env``."""
+    if not cfg.redis_url:
+        raise RewardError("reward.redis_url is required for the redis transport")
+    return RedisRewardClient(
+        cfg.name,
+        cfg.redis_url,
+        password=os.environ.get(cfg.redis_password_env) or None,
+        stream=cfg.redis_stream,
+        group=cfg.redis_group,
+        prefix=cfg.redis_prefix,
+        deadline_s=cfg.deadline_s,
+        max_queued_jobs=cfg.redis_max_queued_jobs,
+    )
