@@ -45,6 +45,7 @@ from trainer.reward_client import RewardClient, RewardResult, make_reward_client
 from trainer.run_folder import RunFolder
 from trainer.sampling import Trajectories, sample_trajectories
 from trainer.stat_tracking import PerPromptStatTracker, normalize_globally
+from trainer.transports.errors import RewardError
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,8 @@ class Trainer:
         # 1. Sample (rewards are requested batch by batch, while the next batch samples).
         samples, futures = self.sample_epoch(epoch)
         t_sampled = time.perf_counter()
-        # 2. Reward: the update needs this epoch's rewards.
-        results = [f.result() for f in futures]
+        # 2. Reward: the update needs this epoch's rewards (a failed batch: error, or dropped if configured).
+        samples, results, num_dropped = self.gather_rewards(samples, futures)
         t_rewarded = time.perf_counter()
         rewards = np.concatenate([r.rewards for r in results])
         details = [d for r in results for d in r.details]
@@ -171,6 +172,7 @@ class Trainer:
             **train_info,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "num_samples": len(samples),
+            "num_dropped": num_dropped,
             "samples_per_s": len(samples) / (t_trained - t0),
             "time_sampling_s": t_sampled - t0,
             "time_reward_wait_s": t_rewarded - t_sampled,
@@ -231,6 +233,36 @@ class Trainer:
             futures.append(self.reward_client.submit(traj.images, prompts))
             batches.append(traj)
         return Trajectories.cat(batches), futures
+
+    # -- 2. rewards --------------------------------------------------------------------------
+    def gather_rewards(
+        self, samples: Trajectories, futures: list[Future[RewardResult]]
+    ) -> tuple[Trajectories, list[RewardResult], int]:
+        """Wait for each sampling batch's rewards -> (kept samples, their results, samples dropped).
+
+        A batch whose reward could not be obtained (``RewardError``: retry budget, deadline, refused)
+        raises, or with ``reward.on_failure = 'drop'`` is left out of the update, counted and logged;
+        never a silent 0. Other exceptions (bugs) always raise.
+        """
+        batch = self.cfg.sample.batch_size
+        results: list[RewardResult] = []
+        keep: list[int] = []
+        errors: list[str] = []
+        for b, future in enumerate(futures):
+            try:
+                results.append(future.result())
+            except RewardError as err:
+                if self.cfg.reward.on_failure != "drop":
+                    raise
+                errors.append(str(err))
+                log.warning("dropping sampling batch %d (%d samples) from the update: %s", b, batch, err)
+                continue
+            keep.extend(range(b * batch, (b + 1) * batch))
+        if not errors:
+            return samples, results, 0
+        if not keep:
+            raise RewardError(f"no batch of this epoch got its reward; first error: {errors[0]}")
+        return samples.select(torch.tensor(keep)), results, len(samples) - len(keep)
 
     # -- 3. advantages -----------------------------------------------------------------------
     def compute_advantages(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
