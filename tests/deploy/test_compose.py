@@ -218,6 +218,25 @@ def test_workers_are_scalable_and_consume_redis(compose):
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_worker_settings_validate_from_the_compose_env(compose, monkeypatch):
+    worker_module = pytest.importorskip("reward_server.worker", reason="ddpo-reward-worker not built yet")
+    env = env_of(compose["services"]["reward-worker"])
+    for key in list(os.environ):
+        if key.startswith(("DDPO_REWARD_", "DDPO_WORKER_", "DDPO_REDIS_")):
+            monkeypatch.delenv(key)
+    known = {f"DDPO_REWARD_{n.upper()}" for n in ServerSettings.model_fields}
+    known |= {f"DDPO_WORKER_{n.upper()}" for n in worker_module.WorkerSettings.model_fields}
+    known |= {"DDPO_REDIS_URL", "DDPO_REDIS_PASSWORD"}
+    assert not sorted(k for k in env if k.startswith("DDPO_") and k not in known)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    worker = worker_module.WorkerSettings()
+    assert worker.redis_url == "redis://redis:6379/0"
+    assert worker.redis_password == SECRETS["REDIS_PASSWORD"]
+    assert worker.stream == RewardConfig().redis_stream and worker.group == RewardConfig().redis_group
+    assert set(ServerSettings().rewards) >= {"jpeg_compressibility", "jpeg_incompressibility"}
+
+
 # --- trainer --------------------------------------------------------------------------------------
 
 
