@@ -30,6 +30,17 @@ end
 return 0
 """
 
+# Queue a job unless the stream already holds ARGV[2] jobs (workers delete done jobs, so the length
+# is the backlog): check and add in one step, so concurrent submitters cannot overshoot the bound.
+# KEYS: job stream. ARGV: job JSON, max queued jobs. Returns the entry id, or the backlog if full.
+ENQUEUE_JOB_LUA = """
+local queued = redis.call('XLEN', KEYS[1])
+if queued >= tonumber(ARGV[2]) then
+  return queued
+end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+"""
+
 
 def result_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:result:{request_id}"

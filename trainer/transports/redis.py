@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redis_streams import JOB_FIELD, RESULT_FIELD, connect, reply_stream_key, safe_url
+from shared.redis_streams import ENQUEUE_JOB_LUA, RESULT_FIELD, connect, reply_stream_key, safe_url
 from shared.schemas import RedisJob, RedisResult
 from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
 from trainer.transports.base import BackgroundLoop, backoff_delay, build_request, to_result
@@ -62,6 +62,7 @@ class RedisRewardClient(RewardClient):
         except BaseException:
             self._loop.stop()
             raise
+        self._enqueue_job = self._redis.register_script(ENQUEUE_JOB_LUA)
         self._reader = self._loop.submit(self._read_replies())
         self._closed = False
 
@@ -131,14 +132,10 @@ class RedisRewardClient(RewardClient):
             attempt += 1
             problem = ""
             try:
-                queued = await self._redis.xlen(self.stream)
-                if queued < self.max_queued_jobs:
-                    # MAXLEN is a safety net above the XLEN check (several trainers may race past it).
-                    await self._redis.xadd(
-                        self.stream, {JOB_FIELD: payload}, maxlen=2 * self.max_queued_jobs, approximate=True
-                    )
+                added = await self._enqueue_job(keys=[self.stream], args=[payload, self.max_queued_jobs])
+                if not isinstance(added, int):
                     return
-                problem = f"job stream {self.stream} full ({queued} jobs queued)"
+                problem = f"job stream {self.stream} full ({added} jobs queued)"
             except (RedisConnectionError, RedisTimeoutError) as err:
                 problem = f"Redis at {safe_url(self.redis_url)} unreachable: {err}"
             delay = backoff_delay(attempt, 0.1, 2.0)

@@ -1,0 +1,168 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.transport_support)
+"""ddpo-reward-worker and the redis transport against a real redis-server and real worker processes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from reward_server.rewards.jpeg import JpegCompressibility
+from shared.redis_streams import result_key
+from shared.schemas import RedisJob
+from tests.transport_support import (  # noqa: F401  (fixtures)
+    RedisServer,
+    Workers,
+    redis_server,
+    redis_server_with_auth,
+    reward_workers,
+    wait_for,
+)
+from trainer.transports.base import build_request
+from trainer.transports.errors import RewardDeadlineError, RewardRejectedError
+from trainer.transports.redis import RedisRewardClient
+
+PROMPTS = ["a cat", "a dog", "a horse"]
+
+
+def batch(seed: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
+
+
+def expected(images: np.ndarray) -> np.ndarray:
+    outputs = JpegCompressibility().score(list(images), PROMPTS[: len(images)], [{}] * len(images))
+    return np.array([o.reward for o in outputs])
+
+
+def test_two_workers_score_every_batch_once(reward_workers: Workers, redis_server: RedisServer):
+    reward_workers.start("w1")
+    reward_workers.start("w2")
+    with RedisRewardClient("jpeg_compressibility", redis_server.url, deadline_s=30) as client:
+        batches = [batch(i) for i in range(6)]
+        futures = [client.submit(b, PROMPTS, request_id=f"req-{i}") for i, b in enumerate(batches)]
+        for b, future in zip(batches, futures, strict=True):
+            result = future.result(timeout=30)
+            np.testing.assert_array_equal(result.rewards, expected(b))
+            assert [d["jpeg_kb"] for d in result.details] == pytest.approx(-expected(b))
+        r = redis_server.client()
+        assert r.xlen(client.reply_stream) == 6  # one notification per request
+        assert all(r.exists(result_key("ddpo:rewards", f"req-{i}")) for i in range(6))
+        assert 0 < r.ttl(result_key("ddpo:rewards", "req-0")) <= 3600  # results expire
+        assert r.xlen("ddpo:rewards:jobs") == 0  # acked jobs are deleted: the stream holds only work to do
+    assert not r.exists(client.reply_stream)  # closed client cleans up its reply stream
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_jobs_are_reclaimed(reward_workers: Workers, redis_server: RedisServer):
+    # w1 is slow, so it dies holding jobs (one being scored, others delivered but waiting).
+    reward_workers.start("w1", "--concurrency", "2", "--claim-idle-s", "1", delay_s=3.0)
+    r = redis_server.client()
+    with RedisRewardClient("test_slow_jpeg", redis_server.url, deadline_s=60) as client:
+        batches = [batch(10 + i) for i in range(4)]
+        futures = [client.submit(b, PROMPTS, request_id=f"kill-{i}") for i, b in enumerate(batches)]
+        wait_for(
+            lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] >= 2, 30, "w1 to take jobs"
+        )
+        time.sleep(0.5)  # w1 is inside the scorer's sleep
+        reward_workers.kill("w1")
+        assert not any(f.done() for f in futures)
+        reward_workers.start("w2", "--claim-idle-s", "1", delay_s=0.0)
+        for b, future in zip(batches, futures, strict=True):
+            np.testing.assert_array_equal(future.result(timeout=60).rewards, expected(b))
+        assert r.xlen(client.reply_stream) == 4  # exactly one result per request
+        assert r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0
+        assert r.xlen("ddpo:rewards:jobs:dead") == 0
+    assert "reclaimed job" in reward_workers.log("w2")
+
+
+def test_duplicate_delivery_gives_one_result(reward_workers: Workers, redis_server: RedisServer):
+    reward_workers.start("w1")
+    r = redis_server.client()
+    images = batch(3)
+    job = RedisJob(
+        request=build_request("dup-1", "jpeg_compressibility", images, PROMPTS, None),
+        reply_to="ddpo:rewards:replies:test",
+        submitted_at=time.time(),
+    )
+    for _ in range(3):  # the same job queued three times (a producer retrying its XADD)
+        r.xadd("ddpo:rewards:jobs", {"job": job.model_dump_json()})
+    wait_for(lambda: r.xlen("ddpo:rewards:jobs") == 0, 30, "the jobs to be done")
+    replies = r.xrange("ddpo:rewards:replies:test")
+    assert len(replies) == 1
+    stored = json.loads(r.get(result_key("ddpo:rewards", "dup-1")))
+    assert stored["ok"] and stored["response"]["rewards"] == pytest.approx(expected(images).tolist())
+    assert "already has a result" in reward_workers.log("w1")
+
+
+def test_poison_messages_are_dead_lettered_and_reported(reward_workers: Workers, redis_server: RedisServer):
+    reward_workers.start("w1")
+    r = redis_server.client()
+    r.xadd("ddpo:rewards:jobs", {"job": b"\x80 not json"})
+    r.xadd("ddpo:rewards:jobs", {"something": "else"})
+    with RedisRewardClient("no_such_reward", redis_server.url, deadline_s=30) as client:
+        with pytest.raises(
+            RewardRejectedError, match="unknown_reward: unknown reward 'no_such_reward'"
+        ) as info:
+            client.submit(batch(0), PROMPTS, request_id="poison-1").result(timeout=30)
+        assert info.value.code == "unknown_reward"
+    wait_for(lambda: r.xlen("ddpo:rewards:jobs:dead") == 3, 30, "three dead letters")
+    dead = [{k.decode(): v for k, v in fields.items()} for _, fields in r.xrange("ddpo:rewards:jobs:dead")]
+    errors = sorted(d["error"].decode() for d in dead)
+    assert errors == ["invalid_job", "invalid_job", "unknown_reward"]
+    assert any(d["request_id"] == b"poison-1" for d in dead)
+    assert all(d["reason"] for d in dead)
+    assert (
+        r.xlen("ddpo:rewards:jobs") == 0 and r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0
+    )
+
+
+def test_no_worker_deadline_is_reported(redis_server: RedisServer):
+    with RedisRewardClient("jpeg_compressibility", redis_server.url, deadline_s=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(
+            RewardDeadlineError, match=r"within the deadline of 1 s.*ddpo-reward-worker running"
+        ):
+            client.submit(batch(0), PROMPTS).result(timeout=10)
+        assert time.monotonic() - started < 5
+
+
+def test_job_stream_is_bounded(redis_server: RedisServer):
+    with RedisRewardClient(
+        "jpeg_compressibility", redis_server.url, deadline_s=1.0, max_queued_jobs=2
+    ) as client:
+        futures = [client.submit(batch(i), PROMPTS) for i in range(3)]
+        errors = []
+        for future in futures:
+            with pytest.raises(RewardDeadlineError) as info:
+                future.result(timeout=10)
+            errors.append(str(info.value))
+    assert sum("job stream ddpo:rewards:jobs full (2 jobs queued)" in e for e in errors) == 1
+    assert redis_server.client().xlen("ddpo:rewards:jobs") == 2
+
+
+def test_redis_auth(redis_server_with_auth: RedisServer, tmp_path, monkeypatch):
+    server = redis_server_with_auth
+    bad = f"redis://:wrong@127.0.0.1:{server.port}/0"
+    with pytest.raises(ConnectionError, match=r"cannot use Redis at redis://:\*\*\*@127.0.0.1") as info:
+        RedisRewardClient("jpeg_compressibility", bad)
+    assert "wrong" not in str(info.value)
+    workers = Workers(server, tmp_path)
+    try:
+        workers.start("w1", env={"DDPO_REDIS_PASSWORD": server.password})
+        monkeypatch.setenv("DDPO_REDIS_PASSWORD", server.password)
+        from trainer.config import build_config
+        from trainer.reward_client import make_reward_client
+
+        cfg = build_config("tiny", {"reward": {"transport": "redis", "redis_url": server.url}})
+        client = make_reward_client(cfg.reward)
+        try:
+            images = batch(5)
+            np.testing.assert_array_equal(
+                client.submit(images, PROMPTS).result(timeout=30).rewards, expected(images)
+            )
+        finally:
+            client.close()
+    finally:
+        workers.stop_all()
