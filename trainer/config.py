@@ -326,6 +326,11 @@ _PAPER: dict[str, Any] = {
     "run": {"num_epochs": 100, "save_every": 10},
 }
 
+TINY_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj",
+]  # fmt: skip
+
 PRESETS: dict[str, dict[str, Any]] = {
     "compressibility": {
         **_PAPER,
@@ -351,8 +356,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "run": {**_PAPER["run"], "name": "alignment"},
     },
     # A few minutes on 2 CPU cores: a tiny random SD; shows the machinery, not image quality.
+    # LoRA on every conv/attention/feed-forward layer and a large step size, so that a random
+    # model moves visibly in ~20 epochs (paper scale uses attention-only rank 4 at 3e-4).
     "tiny": {
-        "model": {"pretrained": "tiny", "dtype": "fp32", "lora_rank": 8},
+        "model": {
+            "pretrained": "tiny",
+            "dtype": "fp32",
+            "lora_rank": 16,
+            "lora_target_modules": TINY_LORA_TARGETS,
+        },
         "sample": {
             "num_steps": 10,
             "eta": 1.0,
@@ -361,14 +373,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_batches_per_epoch": 2,
         },
         "train": {
-            "learning_rate": 3e-3,
+            "learning_rate": 1e-2,
             "batch_size": 4,
             "gradient_accumulation_steps": 1,
-            "clip_range": 1e-2,
+            "clip_range": 0.1,
         },
         "advantage": {"buffer_size": 16, "min_count": 8},
         "reward": {"name": "jpeg_compressibility"},
-        "run": {"name": "tiny", "num_epochs": 15, "save_every": 5, "eval_num_images": 8},
+        "run": {"name": "tiny", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
     },
 }
 
