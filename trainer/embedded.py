@@ -3,7 +3,7 @@
 The laptop default shows the real architecture: trainer and reward server are two processes
 talking HTTP on loopback. ``reward.embed_server: true`` (transport ``http``, no ``urls``) makes
 the trainer start one with ``EmbeddedRewardServer``; it waits for ``/readyz`` and stops the server
-when the client closes, at interpreter exit, or (Linux) when the trainer process dies.
+when the client closes, at interpreter exit, or when the trainer process dies.
 
     with EmbeddedRewardServer(["jpeg_compressibility"]) as server:
         client = HttpRewardClient("jpeg_compressibility", [server.url])
@@ -15,20 +15,18 @@ the server command it runs (the extra modules may register more rewards first).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-
-PR_SET_PDEATHSIG = 1
 
 
 def free_loopback_port() -> int:
@@ -37,12 +35,18 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: SIGTERM the server if the trainer dies without cleaning up (SIGKILL, OOM).
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+def _exit_with_parent(parent_pid: int) -> None:
+    """In the server process: SIGTERM ourselves once the trainer is gone (killed without clean-up).
+
+    (Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the server exits.)
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class EmbeddedRewardServer:
@@ -75,7 +79,7 @@ class EmbeddedRewardServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "trainer.embedded"]
+        cmd = [sys.executable, "-m", "trainer.embedded", "--parent-pid", str(os.getpid())]
         for module in self.extra_rewards_modules:
             cmd += ["--extra-rewards-module", module]
         cmd += ["--", "--host", "127.0.0.1", "--port", str(self.port), "--rewards", *self.rewards]
@@ -101,7 +105,6 @@ class EmbeddedRewardServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         atexit.register(self.stop)
         self._wait_ready()
@@ -164,11 +167,14 @@ class EmbeddedRewardServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m trainer.embedded [--extra-rewards-module M ...] -- <ddpo-reward-server flags>``."""
+    """``python -m trainer.embedded [--parent-pid P] [--extra-rewards-module M ...] -- <server flags>``."""
     args = list(sys.argv[1:] if argv is None else argv)
     split = args.index("--") if "--" in args else len(args)
     own, server_args = args[:split], args[split + 1 :]
     modules = [own[i + 1] for i, a in enumerate(own[:-1]) if a == "--extra-rewards-module"]
+    parents = [int(own[i + 1]) for i, a in enumerate(own[:-1]) if a == "--parent-pid"]
+    if parents:
+        _exit_with_parent(parents[0])
     from reward_server.cli import main as server_main
     from reward_server.worker import import_extra_rewards
 
