@@ -9,7 +9,7 @@
 2. Reward throughput with N Redis workers (each scores one batch per L seconds): batches/s for
    N = 1, 2, 4, against the sampler's 1/S batches/s.
 
-    python benchmarks/bench_transport.py [--batches 4] [--ratios 0.5 1 2] [--workers 1 2 4]
+    python benchmarks/bench_transport.py [--batches 4] [--steps 4] [--ratios 0.5 1 2] [--workers 1 2 4]
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ class SynchronousClient(RewardClient):
 
 
 def epoch_time(
-    output: Path, batches: int, reward: dict[str, Any], wrap_sync: bool = False
+    output: Path, batches: int, reward: dict[str, Any], wrap_sync: bool = False, steps: int = 4
 ) -> dict[str, float]:
     cfg = tiny_config(
         output,
-        sample={"num_steps": 4, "batch_size": 2, "num_batches_per_epoch": batches, "resolution": 32},
+        sample={"num_steps": steps, "batch_size": 2, "num_batches_per_epoch": batches, "resolution": 32},
         train={"batch_size": 2, "gradient_accumulation_steps": 1},
         advantage={"buffer_size": 4, "min_count": 2},
         run={"num_epochs": 1, "eval_num_images": 2, "save_every": 100, "name": "bench"},
@@ -92,8 +92,8 @@ def epoch_time(
     }
 
 
-def loop_table(output: Path, batches: int, ratios: Sequence[float]) -> None:
-    base = epoch_time(output, batches, {"name": "jpeg_compressibility", "transport": "local"})
+def loop_table(output: Path, batches: int, ratios: Sequence[float], steps: int) -> None:
+    base = epoch_time(output, batches, {"name": "jpeg_compressibility", "transport": "local"}, steps=steps)
     per_batch = base["sampling"] / batches
     print(
         f"instant in-process reward: epoch {base['total']:.2f} s (sampling {base['sampling']:.2f} s = "
@@ -106,8 +106,8 @@ def loop_table(output: Path, batches: int, ratios: Sequence[float]) -> None:
         env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}")
         with EmbeddedRewardServer(["test_slow_jpeg"], extra_rewards_modules=[EXTRA], env=env) as server:
             reward = {"name": "test_slow_jpeg", "transport": "http", "urls": [server.url]}
-            async_t = epoch_time(output, batches, reward)
-            sync_t = epoch_time(output, batches, reward, wrap_sync=True)
+            async_t = epoch_time(output, batches, reward, steps=steps)
+            sync_t = epoch_time(output, batches, reward, wrap_sync=True, steps=steps)
         a, s, b = async_t["total"], sync_t["total"], base["total"]
         print(
             f"{ratio:>5.2f} {delay:>7.2f} | {a:>10.2f} s {a / b:>6.2f} {async_t['wait']:>5.2f}s "
@@ -181,6 +181,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batches", type=int, default=4, help="sampling batches per epoch")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps (sampling and update cost)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="L / S values")
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts to scale over"
@@ -197,7 +198,7 @@ def main() -> None:
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_loop:
-            loop_table(Path(tmp), args.batches, args.ratios)
+            loop_table(Path(tmp), args.batches, args.ratios, args.steps)
     worker_scaling(args.workers, args.worker_delay, args.jobs)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
