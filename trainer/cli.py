@@ -52,25 +52,46 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.model_dump_json(indent=2))
         return 0
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    from trainer.distributed import init_distributed, shutdown_distributed
+
+    info = init_distributed()  # torchrun's environment; one process otherwise
+    logging.basicConfig(
+        level=logging.INFO if info.rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
+    )
+    quiet_libraries()
     from trainer.train import Trainer
 
     try:
-        trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ddpo-train: {err}", file=sys.stderr)
-        return 2
-    if trainer.run_folder is not None:
-        print(f"run folder: {trainer.run_folder.path}", flush=True)
-    history = trainer.run()
-    if history:
+        try:
+            trainer = Trainer(cfg, dist_info=info)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"ddpo-train: {err}", file=sys.stderr)
+            return 2
+        if trainer.run_folder is not None:
+            print(f"run folder: {trainer.run_folder.path} (world size {info.world_size})", flush=True)
+        history = trainer.run()
+    finally:
+        shutdown_distributed()
+    if history and info.rank == 0:
         first, last = history[0], history[-1]
         print(
             f"done: {len(history)} epochs, reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} "
             f"({cfg.reward.name}); run folder: {trainer.run_folder.path if trainer.run_folder else '-'}"
         )
     return 0
+
+
+def quiet_libraries() -> None:
+    """Our progress bars and logs only: no per-component loading bars or library deprecation chatter."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -163,8 +163,10 @@ class DiffusionPolicy:
             embeds = torch.cat([negative_embeds, prompt_embeds])
         else:
             model_in, t_in, embeds = latents, timesteps, prompt_embeds
+        # Gradients go through the DDP wrapper (synced); sampling/eval (no grad) call the UNet directly.
+        unet = self.unet_forward if torch.is_grad_enabled() else self.unet
         with self.autocast():
-            out = self.unet_forward(
+            out = unet(
                 model_in.to(self.dtype), t_in, encoder_hidden_states=embeds.to(self.dtype), return_dict=False
             )[0]
         out = out.to(torch.float32)

@@ -42,6 +42,10 @@ class RunFolder:
     def write_config(self, config: dict[str, Any]) -> None:
         (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        """How the run was launched (world size, device): not part of the config, needed to read it."""
+        (self.path / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"

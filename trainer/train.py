@@ -38,6 +38,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config
 from trainer.ddim import ddim_step_with_logprob
+from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
 from trainer.losses import LossInfo, ppo_clip_loss, rwr_loss, rwr_weights, score_function_loss
 from trainer.policy import DiffusionPolicy
 from trainer.prompts import load_prompts
@@ -64,16 +65,23 @@ class Trainer:
         cfg: Config,
         reward_client: RewardClient | None = None,
         run_folder: RunFolder | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        dist_info: DistInfo | None = None,
     ):
         self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
+        self.dist = dist_info or DistInfo()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
+        if self.dist.is_distributed and cfg.reward.on_failure == "drop":
+            # Ranks must run the same number of DDP steps; dropping batches on one rank would hang them.
+            raise ValueError("reward.on_failure='drop' is not supported with more than one rank; use 'error'")
 
-        self.policy = DiffusionPolicy(cfg.model, seed=derive_seed(cfg.run.seed, EVAL_STREAM, 3))
+        self.policy = DiffusionPolicy(
+            cfg.model,
+            device=self.dist.device(cfg.model.device),
+            seed=derive_seed(cfg.run.seed, EVAL_STREAM, 3),
+        )
         self.prompts = load_prompts(cfg.prompts.set, cfg.prompts.path)
         self.reward_client = reward_client or make_reward_client(cfg.reward)
         self._owns_reward_client = reward_client is None
@@ -97,8 +105,10 @@ class Trainer:
         self.run_folder = run_folder
         if checkpoint is not None:
             self._resume(checkpoint)
+        self.policy.unet_forward = wrap_ddp(self.policy.unet, self.dist, self.policy.device)
         if self.run_folder is not None:
             self.run_folder.write_config(cfg.model_dump())
+            self.run_folder.write_run_info({"world_size": self.world_size, "device": str(self.policy.device)})
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -153,12 +163,23 @@ class Trainer:
         # 2. Reward: the update needs this epoch's rewards (a failed batch: error, or dropped if configured).
         samples, results, num_dropped = self.gather_rewards(samples, futures)
         t_rewarded = time.perf_counter()
-        rewards = np.concatenate([r.rewards for r in results])
-        details = [d for r in results for d in r.details]
+        local_rewards = np.concatenate([r.rewards for r in results])
+        # Every rank sees the global batch (global sample order), so the stat trackers agree.
+        num_batches = len(results)
+        prompts = gather_global(samples.prompts, self.dist, num_batches)
+        rewards = np.array(gather_global(local_rewards, self.dist, num_batches), dtype=np.float64)
+        details = gather_global([d for r in results for d in r.details], self.dist, num_batches)
         # 3. Advantages.
-        advantages = self.compute_advantages(samples.prompts, rewards)
+        advantages = self.compute_advantages(prompts, rewards)
+        local_advantages = local_slice(advantages, self.dist, num_batches)
+        rwr_w = None
+        if self.cfg.train.algorithm == "rwr":  # RWR weights come from the global batch's rewards
+            t = self.cfg.train
+            weights = rwr_weights(rewards, t.rwr_weighting, t.rwr_temperature, t.rwr_percentile)
+            rwr_w = local_slice(weights, self.dist, num_batches)
         # 4. Update.
-        train_info = self.update(epoch, samples, rewards, advantages)
+        train_info = self.update(epoch, samples, local_advantages, rwr_w)
+        train_info = mean_across_ranks(train_info, self.dist)
         t_trained = time.perf_counter()
 
         metrics = {
@@ -171,9 +192,10 @@ class Trainer:
             "reward_max": float(rewards.max()),
             **train_info,
             "lr": self.lr_scheduler.get_last_lr()[0],
-            "num_samples": len(samples),
+            "num_samples": len(rewards),
             "num_dropped": num_dropped,
-            "samples_per_s": len(samples) / (t_trained - t0),
+            "world_size": self.world_size,
+            "samples_per_s": len(rewards) / (t_trained - t0),
             "time_sampling_s": t_sampled - t0,
             "time_reward_wait_s": t_rewarded - t_sampled,
             "time_training_s": t_trained - t_rewarded,
@@ -186,10 +208,12 @@ class Trainer:
                 epoch,
                 [
                     {"prompt": p, "reward": float(r), "advantage": float(a), "details": d}
-                    for p, r, a, d in zip(samples.prompts, rewards, advantages, details, strict=True)
+                    for p, r, a, d in zip(prompts, rewards, advantages, details, strict=True)
                 ],
             )
-        if epoch % self.cfg.run.eval_every == 0 or self.next_epoch == self.cfg.run.num_epochs:
+        if self.is_main and (
+            epoch % self.cfg.run.eval_every == 0 or self.next_epoch == self.cfg.run.num_epochs
+        ):
             metrics["eval_reward_mean"] = self.evaluate(epoch)
         if self.run_folder is not None:
             self.run_folder.append_metrics(metrics)
@@ -210,13 +234,18 @@ class Trainer:
 
     # -- 1. sampling -------------------------------------------------------------------------
     def epoch_batch_plan(self, epoch: int, batch: int) -> tuple[list[str], list[int]]:
-        """Prompts and noise seeds of one sampling batch: a function of (seed, epoch, batch, rank)."""
-        key = (self.cfg.run.seed, epoch, batch, self.rank)
+        """This rank's prompts and noise seeds for one sampling batch.
+
+        The global batch (world_size x batch_size samples) is a function of (seed, epoch, batch)
+        alone and rank r takes slice r: every sample has its own seed, on whichever rank.
+        """
+        size, global_size = self.cfg.sample.batch_size, self.cfg.sample.batch_size * self.world_size
+        key = (self.cfg.run.seed, epoch, batch)
         rng = np.random.default_rng(derive_seed(*key, 0))
-        prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), self.cfg.sample.batch_size)]
+        prompt_ids = rng.integers(0, len(self.prompts), global_size)
         base = derive_seed(*key, 1)
-        seeds = [(base + i) % 2**63 for i in range(self.cfg.sample.batch_size)]
-        return prompts, seeds
+        mine = range(self.rank * size, (self.rank + 1) * size)
+        return [self.prompts[prompt_ids[i]] for i in mine], [(base + i) % 2**63 for i in mine]
 
     def sample_epoch(self, epoch: int) -> tuple[Trajectories, list[Future[RewardResult]]]:
         self.policy.unet.eval()
@@ -271,7 +300,14 @@ class Trainer:
         return normalize_globally(rewards)
 
     # -- 4. update ---------------------------------------------------------------------------
-    def update(self, epoch: int, samples: Trajectories, rewards: np.ndarray, advantages: np.ndarray) -> dict:
+    def update(
+        self,
+        epoch: int,
+        samples: Trajectories,
+        advantages: np.ndarray,
+        sample_weights: np.ndarray | None = None,
+    ) -> dict:
+        """Policy-gradient (or RWR) update on this rank's samples; returns loss statistics."""
         cfg, t = self.cfg, self.cfg.train
         policy = self.policy
         policy.unet.train()
@@ -281,11 +317,7 @@ class Trainer:
         adv_all = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
         rwr_w = None
         if t.algorithm == "rwr":
-            rwr_w = torch.as_tensor(
-                rwr_weights(rewards, t.rwr_weighting, t.rwr_temperature, t.rwr_percentile),
-                dtype=torch.float32,
-                device=policy.device,
-            )
+            rwr_w = torch.as_tensor(sample_weights, dtype=torch.float32, device=policy.device)
 
         infos: list[LossInfo] = []
         losses: list[float] = []
