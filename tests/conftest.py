@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -12,12 +14,19 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _tiny_model_cache(tmp_path_factory):
-    """Build the tiny SD once per test session, in a private cache (never the user's ~/.cache)."""
-    if "DDPO_CACHE" not in os.environ:
-        os.environ["DDPO_CACHE"] = str(tmp_path_factory.mktemp("ddpo-cache"))
+def _tiny_model_cache():
+    """Build the tiny SD once per test session, in a private cache (never the user's ~/.cache).
+
+    Not under pytest's basetemp: pytest prunes old basetemps, which would delete the cache under a
+    still-running session when several sessions run side by side.
+    """
+    own = "DDPO_CACHE" not in os.environ
+    if own:
+        os.environ["DDPO_CACHE"] = tempfile.mkdtemp(prefix="ddpo-test-cache-")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+    if own:
+        shutil.rmtree(os.environ.pop("DDPO_CACHE"), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

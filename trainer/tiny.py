@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -135,19 +138,31 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the folder of the cached tiny model, building and saving it on first use."""
+    """Return the folder of the cached tiny model, building and saving it on first use.
+
+    Concurrent callers (torchrun ranks, parallel test sessions) serialize on a file lock: one
+    builds, the others wait and load what it saved.
+    """
+    import fcntl
+
     folder = (cache_dir or default_cache_dir()) / TINY_VERSION
     marker = folder / "ddpo_tiny.json"
     if marker.exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    build_tiny_pipeline().save_pretrained(tmp)
-    (tmp / "ddpo_tiny.json").write_text(json.dumps({"version": TINY_VERSION}))
-    try:
-        tmp.rename(folder)  # atomic: concurrent builders race harmlessly
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(folder.parent / f".{TINY_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build interrupted before its marker
+            if torch.distributed.is_initialized():
+                # transformers' save_pretrained writes weights only on rank 0 of an initialized
+                # process group: build in a fresh process, outside the group.
+                subprocess.run([sys.executable, "-m", "trainer.tiny", str(folder)], check=True)
+            else:
+                build_tiny_pipeline().save_pretrained(folder)
+            marker.write_text(json.dumps({"version": TINY_VERSION}))
     return folder
+
+
+if __name__ == "__main__":
+    build_tiny_pipeline().save_pretrained(sys.argv[1])
