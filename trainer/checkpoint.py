@@ -50,13 +50,24 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_lora(unet: torch.nn.Module, folder: Path) -> None:
-    """Write the UNet's LoRA adapters in the diffusers format (``load_lora_weights`` reads it)."""
+    """Write the UNet's LoRA adapters so that ``pipe.load_lora_weights(folder)`` restores them exactly.
+
+    The peft key format is saved as it is (diffusers reads it); converting to the older diffusers
+    key names lost the attention adapters on load once conv layers carry LoRA too. The adapter
+    config (rank, alpha, targets) travels in the file's metadata, so alpha != rank survives.
+    """
+    import inspect
+
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    kwargs = {}
+    accepted = inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+    if "unet_lora_adapter_metadata" in accepted:  # diffusers >= 0.34
+        kwargs["unet_lora_adapter_metadata"] = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True, **kwargs
+    )
 
 
 def save_checkpoint(

@@ -96,8 +96,11 @@ def test_saved_lora_loads_in_diffusers_and_changes_output(make_tiny_config):
 
     from trainer.tiny import ensure_tiny_model
 
+    # alpha != rank: the adapter's scale must survive the round trip too.
     cfg = make_tiny_config(
-        train={"learning_rate": 3e-2, "clip_range": 0.5}, run={"num_epochs": 1, "save_every": 1}
+        model={"lora_alpha": 8},
+        train={"learning_rate": 3e-2, "clip_range": 0.5},
+        run={"num_epochs": 1, "save_every": 1},
     )
     trainer = Trainer(cfg)
     trainer.run()
