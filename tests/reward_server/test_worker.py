@@ -50,7 +50,8 @@ def test_two_workers_score_every_batch_once(reward_workers: Workers, redis_serve
         assert r.xlen(client.reply_stream) == 6  # one notification per request
         assert all(r.exists(result_key("ddpo:rewards", f"req-{i}")) for i in range(6))
         assert 0 < r.ttl(result_key("ddpo:rewards", "req-0")) <= 3600  # results expire
-        assert r.xlen("ddpo:rewards:jobs") == 0  # acked jobs are deleted: the stream holds only work to do
+        # Acked jobs are deleted: the stream holds only work to do (the ack follows the result).
+        wait_for(lambda: r.xlen("ddpo:rewards:jobs") == 0, 10, "the jobs to be acked and deleted")
     assert not r.exists(client.reply_stream)  # closed client cleans up its reply stream
 
 
@@ -72,8 +73,9 @@ def test_sigkilled_worker_jobs_are_reclaimed(reward_workers: Workers, redis_serv
         for b, future in zip(batches, futures, strict=True):
             np.testing.assert_array_equal(future.result(timeout=60).rewards, expected(b))
         assert r.xlen(client.reply_stream) == 4  # exactly one result per request
-        assert r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0
-        assert r.xlen("ddpo:rewards:jobs:dead") == 0
+        pending = lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"]  # noqa: E731
+        wait_for(lambda: pending() == 0, 10, "every job to be acked")
+        assert not r.exists("ddpo:rewards:jobs:dead")
     assert "reclaimed job" in reward_workers.log("w2")
 
 
@@ -113,9 +115,8 @@ def test_poison_messages_are_dead_lettered_and_reported(reward_workers: Workers,
     assert errors == ["invalid_job", "invalid_job", "unknown_reward"]
     assert any(d["request_id"] == b"poison-1" for d in dead)
     assert all(d["reason"] for d in dead)
-    assert (
-        r.xlen("ddpo:rewards:jobs") == 0 and r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0
-    )
+    wait_for(lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0, 10, "acks")
+    assert r.xlen("ddpo:rewards:jobs") == 0
 
 
 def test_no_worker_deadline_is_reported(redis_server: RedisServer):
