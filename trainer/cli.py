@@ -92,6 +92,7 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per reward request otherwise
 
 
 if __name__ == "__main__":
