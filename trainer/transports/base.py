@@ -13,7 +13,7 @@ import numpy as np
 
 from shared.codec import encode_png_b64
 from shared.schemas import ScoreRequest, ScoreResponse
-from trainer.reward_client import RewardResult
+from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
 from trainer.transports.errors import RewardError
 
 T = TypeVar("T")
@@ -60,6 +60,38 @@ class BackgroundLoop:
             self._thread.join(timeout)
             if not self._thread.is_alive():
                 self.loop.close()
+
+
+class LoopRewardClient(RewardClient):
+    """A remote transport: ``submit`` schedules ``_score`` on the client's own event loop thread.
+
+    Subclasses set ``self._loop`` (a BackgroundLoop) and ``self._closed`` and implement ``_score``.
+    """
+
+    _loop: BackgroundLoop
+    _closed: bool
+
+    def submit(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Future[RewardResult]:
+        if self._closed:
+            raise RuntimeError("the reward client is closed")
+        check_images(images, prompts)
+        rid = request_id or new_request_id()
+        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
+
+    async def _score(
+        self,
+        request_id: str,
+        images: np.ndarray,
+        prompts: list[str],
+        metadata: Sequence[dict[str, Any]] | None,
+    ) -> RewardResult:
+        raise NotImplementedError
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -23,8 +22,15 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared.schemas import ErrorResponse, ScoreResponse
-from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
-from trainer.transports.base import BackgroundLoop, backoff_delay, build_request, parse_retry_after, to_result
+from trainer.reward_client import RewardResult
+from trainer.transports.base import (
+    BackgroundLoop,
+    LoopRewardClient,
+    backoff_delay,
+    build_request,
+    parse_retry_after,
+    to_result,
+)
 from trainer.transports.errors import (
     RewardDeadlineError,
     RewardError,
@@ -47,7 +53,7 @@ class _Retryable(Exception):
         self.refused = refused
 
 
-class HttpRewardClient(RewardClient):
+class HttpRewardClient(LoopRewardClient):
     """Scores batches with ``reward`` on the reward servers at ``urls``."""
 
     def __init__(
@@ -90,19 +96,6 @@ class HttpRewardClient(RewardClient):
         return httpx.AsyncClient(headers=headers, limits=limits, timeout=None)
 
     # -- public ----------------------------------------------------------------------------------
-    def submit(
-        self,
-        images: np.ndarray,
-        prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]] | None = None,
-        request_id: str | None = None,
-    ) -> Future[RewardResult]:
-        if self._closed:
-            raise RuntimeError("the reward client is closed")
-        check_images(images, prompts)
-        rid = request_id or new_request_id()
-        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
-
     def close(self) -> None:
         if self._closed:
             return

@@ -15,7 +15,6 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -26,14 +25,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis_streams import ENQUEUE_JOB_LUA, RESULT_FIELD, connect, reply_stream_key, safe_url
 from shared.schemas import RedisJob, RedisResult
-from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
-from trainer.transports.base import BackgroundLoop, backoff_delay, build_request, to_result
+from trainer.reward_client import RewardResult
+from trainer.transports.base import BackgroundLoop, LoopRewardClient, backoff_delay, build_request, to_result
 from trainer.transports.errors import RewardDeadlineError, RewardError, RewardRejectedError
 
 log = logging.getLogger(__name__)
 
 
-class RedisRewardClient(RewardClient):
+class RedisRewardClient(LoopRewardClient):
     """Scores batches with ``reward`` through the workers reading ``stream``."""
 
     def __init__(
@@ -67,19 +66,6 @@ class RedisRewardClient(RewardClient):
         self._closed = False
 
     # -- public ----------------------------------------------------------------------------------
-    def submit(
-        self,
-        images: np.ndarray,
-        prompts: Sequence[str],
-        metadata: Sequence[dict[str, Any]] | None = None,
-        request_id: str | None = None,
-    ) -> Future[RewardResult]:
-        if self._closed:
-            raise RuntimeError("the reward client is closed")
-        check_images(images, prompts)
-        rid = request_id or new_request_id()
-        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
-
     def close(self) -> None:
         if self._closed:
             return
