@@ -116,8 +116,15 @@ def _redis_client(cfg: Any) -> RewardClient:
 
 
 # name -> factory(reward_config). Remote transports import httpx/redis only when chosen.
+def _local_client(cfg: Any) -> RewardClient:
+    """In process, configured like the reward server (DDPO_REWARD_* env: model paths, VLM URL, ...)."""
+    from reward_server.settings import ServerSettings
+
+    return LocalRewardClient(cfg.name, ServerSettings(rewards=[cfg.name]))
+
+
 REWARD_TRANSPORTS: dict[str, Callable[[Any], RewardClient]] = {
-    "local": lambda cfg: LocalRewardClient(cfg.name),
+    "local": lambda cfg: _local_client(cfg),
     "http": _http_client,
     "redis": _redis_client,
 }
