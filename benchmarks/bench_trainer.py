@@ -110,7 +110,7 @@ def main() -> None:
     policy.unet.train()
 
     def ours_train():
-        trainer._pg_minibatch(samples, idx, perm, adv, 1, [])
+        trainer._pg_minibatch(samples, idx, perm, adv, 1, [], 1.0)
         trainer.optimizer.zero_grad(set_to_none=True)
 
     lat = samples.latents[:, 0]

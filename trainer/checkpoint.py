@@ -46,7 +46,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run resumed on fewer GPUs than it was saved on restores the devices it has.
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_lora(unet: torch.nn.Module, folder: Path) -> None:
@@ -87,8 +89,9 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     (checkpoints_dir / LATEST).write_text(name + "\n")
-    existing = sorted(p for p in checkpoints_dir.glob("epoch_*") if p.is_dir())
-    for old in existing[:-keep]:
+    # Prune only older checkpoints: after a resume from an earlier one, later (abandoned) ones stay.
+    older = sorted(p for p in checkpoints_dir.glob("epoch_*") if p.is_dir() and p.name < name)
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -11,6 +11,7 @@ from trainer.config import (
     PRESETS,
     ConfigError,
     build_config,
+    deep_merge,
     describe_fields,
     load_config_file,
     parse_overrides,
@@ -24,7 +25,7 @@ run folder's config.json), then override any field, e.g.:
   ddpo-train --preset tiny                                  # a few minutes on CPU
   ddpo-train --preset compressibility --model.pretrained /models/sd-v1-4
   ddpo-train --preset tiny --train.learning_rate 1e-3 --run.num_epochs 5
-  ddpo-train --run.resume runs/tiny                          # continue a run exactly
+  ddpo-train --run.resume runs/tiny    # continue a run exactly, with its own config.json
 """
 
 
@@ -40,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = load_config_file(args.config) if args.config else {}
-        from trainer.config import deep_merge
-
-        overrides = deep_merge(overrides, parse_overrides(rest))
+        overrides = deep_merge(load_config_file(args.config) if args.config else {}, parse_overrides(rest))
+        resume = overrides.get("run", {}).get("resume")
+        if resume:
+            # A resumed run continues with its own config; command-line overrides still apply on top.
+            overrides = deep_merge(stored_run_config(resume), overrides)
         cfg = build_config(args.preset, overrides)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"ddpo-train: {err}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.distributed import init_distributed, shutdown_distributed
 
-    info = init_distributed()  # torchrun's environment; one process otherwise
+    try:
+        info = init_distributed(cfg.model.device)  # torchrun's environment; one process otherwise
+    except ValueError as err:
+        print(f"ddpo-train: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if info.rank == 0 else logging.WARNING,
         format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
@@ -80,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             f"({cfg.reward.name}); run folder: {trainer.run_folder.path if trainer.run_folder else '-'}"
         )
     return 0
+
+
+def stored_run_config(resume: str) -> dict:
+    """The config.json of the run that holds the checkpoint ``resume`` points at."""
+    from trainer.checkpoint import find_checkpoint
+
+    stored = load_config_file(find_checkpoint(resume).parent.parent / "config.json")
+    stored.get("run", {}).pop("resume", None)
+    return stored
 
 
 def quiet_libraries() -> None:

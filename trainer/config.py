@@ -43,7 +43,10 @@ class ModelConfig(_Section):
 class SampleConfig(_Section):
     num_steps: int = Field(50, ge=2, description="DDIM denoising steps per image.")
     eta: float = Field(
-        1.0, gt=0, description="DDIM eta (> 0: eta = 0 is deterministic and has no log-prob to train on)."
+        1.0,
+        gt=0,
+        le=1,
+        description="DDIM eta in (0, 1]: eta = 0 is deterministic and has no log-prob to train on.",
     )
     guidance_scale: float = Field(
         5.0, ge=1.0, description="Classifier-free guidance weight w (same in training)."
@@ -241,7 +244,7 @@ class RewardConfig(_Section):
 class RunConfig(_Section):
     name: str = Field("ddpo", description="Run name; the run folder is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent folder of run folders.")
-    seed: int = Field(0, description="Seed of every random stream (prompts, noise, shuffles).")
+    seed: int = Field(0, ge=0, description="Seed of every random stream (prompts, noise, shuffles).")
     num_epochs: int = Field(100, ge=1, description="Total epochs (a resumed run continues up to this).")
     save_every: int = Field(10, ge=1, description="Checkpoint every N epochs (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoints to keep.")

@@ -41,7 +41,8 @@ def step_alphas(
     elif t.numel() != batch_size:
         raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch_size}")
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    # On the CPU: diffusers' add_noise/get_velocity move scheduler.alphas_cumprod to the samples' device.
+    alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float32)
     alpha_t = alphas_cumprod[t]
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
     alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
@@ -105,6 +106,10 @@ def ddim_step_with_logprob(
         limit = scheduler.config.clip_sample_range
         x0 = x0.clamp(-limit, limit)
 
+    if bool((1 - alpha_prev - std**2 < 0).any()):
+        raise ValueError(
+            f"eta = {eta} is too large: the DDIM direction term becomes imaginary (use eta <= 1)"
+        )
     mean = alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b - std_b**2).sqrt() * eps
     if prev_sample is None:
         noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)

@@ -39,14 +39,20 @@ class DistInfo:
         return None
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for one process)."""
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op for one process).
+
+    ``device`` is the config's ``model.device``: NCCL for CUDA, gloo for the CPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device.startswith("cuda:"):
+        raise ValueError("model.device: with torchrun each rank takes the GPU of its LOCAL_RANK; use 'cuda'")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)

@@ -121,7 +121,12 @@ class DiffusionPolicy:
         if self.cfg.use_lora:
             from peft.utils import set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(self.unet, state)
+            try:
+                result = set_peft_model_state_dict(self.unet, state)
+            except RuntimeError as err:  # shape mismatch: another rank or target modules
+                raise ValueError(
+                    f"the checkpoint's LoRA weights do not fit this model's adapters: {err}"
+                ) from None
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"checkpoint LoRA keys do not match the model: {unexpected[:5]}")

@@ -214,7 +214,9 @@ class Trainer:
         if self.is_main and (
             epoch % self.cfg.run.eval_every == 0 or self.next_epoch == self.cfg.run.num_epochs
         ):
-            metrics["eval_reward_mean"] = self.evaluate(epoch)
+            eval_reward = self.evaluate(epoch)
+            if eval_reward is not None:
+                metrics["eval_reward_mean"] = eval_reward
         if self.run_folder is not None:
             self.run_folder.append_metrics(metrics)
             self.run_folder.plot_rewards()
@@ -322,7 +324,8 @@ class Trainer:
         infos: list[LossInfo] = []
         losses: list[float] = []
         grad_norms: list[float] = []
-        total_minibatches = t.num_inner_epochs * (n // t.batch_size)
+        num_minibatches = -(-n // t.batch_size)  # after a dropped batch the last one may be short
+        total_minibatches = t.num_inner_epochs * num_minibatches
         bar = tqdm(
             total=total_minibatches,
             desc=f"epoch {epoch} training",
@@ -338,12 +341,19 @@ class Trainer:
             for mb_index, start in enumerate(range(0, n, t.batch_size)):
                 idx = order[start : start + t.batch_size]
                 perm = step_perm[idx]
-                boundary = (mb_index + 1) % t.gradient_accumulation_steps == 0
+                group_start = mb_index - mb_index % t.gradient_accumulation_steps
+                group_size = min(t.gradient_accumulation_steps, num_minibatches - group_start)
+                # Step at every accumulation boundary and after the last minibatch (a short group
+                # when batches were dropped), each group's gradient a mean over its minibatches.
+                boundary = mb_index + 1 == group_start + group_size
+                scale = 1.0 / (num_timesteps * group_size)
                 with self._grad_sync(boundary):
                     if t.algorithm == "rwr":
-                        loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen)
+                        loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen, scale)
                     else:
-                        loss_sum = self._pg_minibatch(samples, idx, perm, adv_all, num_timesteps, infos)
+                        loss_sum = self._pg_minibatch(
+                            samples, idx, perm, adv_all, num_timesteps, infos, scale
+                        )
                 losses.append(loss_sum)
                 if boundary:
                     grad_norms.append(self._optimizer_step())
@@ -359,10 +369,9 @@ class Trainer:
             "optimizer_steps": len(grad_norms),
         }
 
-    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos) -> float:
+    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos, scale) -> float:
         """DDPO-IS / DDPO-SF on one minibatch: backward per trained timestep (memory stays flat)."""
         t, s, policy = self.cfg.train, self.cfg.sample, self.policy
-        scale = 1.0 / (num_timesteps * t.gradient_accumulation_steps)
         rows = torch.arange(len(idx)).unsqueeze(1)
         latents = samples.latents[idx][rows, perm]
         next_latents = samples.next_latents[idx][rows, perm]
@@ -393,11 +402,10 @@ class Trainer:
             total += loss.item() / num_timesteps
         return total
 
-    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen) -> float:
+    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen, scale) -> float:
         """RWR: weighted denoising loss on the sampled final latents at random noise levels."""
-        t, policy = self.cfg.train, self.policy
+        policy = self.policy
         scheduler = policy.scheduler
-        scale = 1.0 / (num_timesteps * t.gradient_accumulation_steps)
         x0 = samples.next_latents[idx, -1]
         embeds = samples.prompt_embeds[idx]
         total = 0.0
@@ -407,11 +415,13 @@ class Trainer:
                 x0.device
             )
             noisy = scheduler.add_noise(x0, noise, tt)
-            target = (
-                noise
-                if scheduler.config.prediction_type == "epsilon"
-                else scheduler.get_velocity(x0, noise, tt)
-            )
+            prediction = scheduler.config.prediction_type
+            if prediction == "epsilon":
+                target = noise
+            elif prediction == "sample":
+                target = x0
+            else:
+                target = scheduler.get_velocity(x0, noise, tt)
             pred = policy.predict_noise(noisy, tt, embeds, embeds, guidance_scale=1.0)
             loss = rwr_loss(pred, target, weights[idx])
             (loss * scale).backward()
@@ -442,11 +452,15 @@ class Trainer:
         base = derive_seed(self.cfg.run.seed, EVAL_STREAM, 1)
         return prompts, [(base + i) % 2**63 for i in range(n)]
 
-    def evaluate(self, epoch: int) -> float:
+    def evaluate(self, epoch: int) -> float | None:
         self.policy.unet.eval()
         prompts, seeds = self.eval_plan()
         traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds, keep_trajectory=False)
-        rewards = self.reward_client.submit(traj.images, prompts).result().rewards
+        try:
+            rewards = self.reward_client.submit(traj.images, prompts).result().rewards
+        except RewardError as err:  # the grid is for people; a failed score must not stop training
+            log.warning("eval grid of epoch %d got no reward: %s", epoch, err)
+            return None
         if self.run_folder is not None:
             self.run_folder.save_grid(epoch, traj.images, prompts, rewards.tolist())
         return float(rewards.mean())

@@ -96,3 +96,26 @@ def test_cli_help_lists_fields(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--sample.guidance_scale" in out and "tiny" in out
+
+
+def test_resume_uses_the_runs_own_config(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints/epoch_0003").mkdir(parents=True)
+    (run / "checkpoints/epoch_0003/training_state.pt").write_bytes(b"")
+    (run / "checkpoints/latest").write_text("epoch_0003\n")
+    stored = build_config("tiny", {"sample": {"num_steps": 7}, "model": {"lora_rank": 2}}).model_dump()
+    (run / "config.json").write_text(json.dumps(stored))
+    # No preset: the stored config is the base; the command line still overrides it.
+    assert main(["--run.resume", str(run), "--run.num_epochs", "9", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sample"]["num_steps"] == 7 and printed["model"]["lora_rank"] == 2
+    assert printed["run"]["num_epochs"] == 9 and printed["run"]["resume"] == str(run)
+    assert main(["--run.resume", str(tmp_path / "nothing"), "--print-config"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_eta_above_one_and_negative_seed_are_refused():
+    with pytest.raises(ConfigError, match=r"sample\.eta"):
+        build_config("tiny", {"sample": {"eta": 1.5}})
+    with pytest.raises(ConfigError, match=r"run\.seed"):
+        build_config("tiny", {"run": {"seed": -1}})

@@ -129,3 +129,11 @@ def test_clip_sample_matches_scheduler():
     _, log_prob = ddim_step_with_logprob(scheduler, eps, t, sample, eta=1.0, prev_sample=prev)
     expected, _, _ = reference_logprob(scheduler, eps, t, sample, prev, 1.0)
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eta_above_one_is_refused_where_the_direction_term_is_imaginary():
+    scheduler = make_scheduler(steps=50)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="too large"):
+        for t in scheduler.timesteps:
+            ddim_step_with_logprob(scheduler, x, t, x, eta=1.5)

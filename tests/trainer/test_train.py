@@ -1,13 +1,16 @@
 """The training loop on the tiny model: on-policy ratio, what changes, exact resume, LoRA export."""
 
 import json
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
 import torch
 
 from trainer.checkpoint import find_checkpoint
+from trainer.reward_client import LocalRewardClient
 from trainer.train import Trainer
+from trainer.transports.errors import RewardUnavailableError
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -23,8 +26,8 @@ def test_first_on_policy_ratio_is_exactly_one(make_tiny_config):
     captured = {}
     original = trainer._pg_minibatch
 
-    def spy(samples, idx, perm, adv_all, num_timesteps, infos):
-        out = original(samples, idx, perm, adv_all, num_timesteps, infos)
+    def spy(samples, idx, perm, adv_all, num_timesteps, infos, scale):
+        out = original(samples, idx, perm, adv_all, num_timesteps, infos, scale)
         captured.setdefault("infos", list(infos))
         return out
 
@@ -169,3 +172,35 @@ def test_tiny_preset_raises_jpeg_compressibility(tmp_path):
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     # Observed here: about +0.09 kB-1 (-4.235 -> -4.146); the reward's batch std is about 0.03.
     assert last - first > 0.03, rewards
+
+
+class _FailingSecondBatch(LocalRewardClient):
+    """The in-process scorer, except that the 2nd request of every 3 fails as a remote one would."""
+
+    def __init__(self):
+        super().__init__("jpeg_compressibility")
+        self.calls = 0
+
+    def submit(self, images, prompts, metadata=None, request_id=None):
+        self.calls += 1
+        if self.calls % 3 == 2:
+            failed: Future = Future()
+            failed.set_exception(RewardUnavailableError("reward server unreachable (test)"))
+            return failed
+        return super().submit(images, prompts, metadata, request_id)
+
+
+def test_dropped_batch_still_steps_on_the_remaining_samples(make_tiny_config):
+    # 3 batches of 4 -> 3 minibatches, one optimizer step per epoch (ddpo_sf); one batch dropped
+    # leaves 2 minibatches: a short accumulation group that must still make its step.
+    cfg = make_tiny_config(
+        sample={"num_batches_per_epoch": 3},
+        train={"algorithm": "ddpo_sf", "gradient_accumulation_steps": 3},
+        reward={"on_failure": "drop"},
+        run={"num_epochs": 1, "eval_every": 100, "save_every": 100},
+    )
+    client = _FailingSecondBatch()
+    metrics = Trainer(cfg, reward_client=client).run()[0]
+    client.close()
+    assert metrics["num_dropped"] == 4 and metrics["num_samples"] == 8
+    assert metrics["optimizer_steps"] == 1
