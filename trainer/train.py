@@ -347,13 +347,12 @@ class Trainer:
                 # when batches were dropped), each group's gradient a mean over its minibatches.
                 boundary = mb_index + 1 == group_start + group_size
                 scale = 1.0 / (num_timesteps * group_size)
-                with self._grad_sync(boundary):
-                    if t.algorithm == "rwr":
-                        loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen, scale)
-                    else:
-                        loss_sum = self._pg_minibatch(
-                            samples, idx, perm, adv_all, num_timesteps, infos, scale
-                        )
+                if t.algorithm == "rwr":
+                    loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen, scale, boundary)
+                else:
+                    loss_sum = self._pg_minibatch(
+                        samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary
+                    )
                 losses.append(loss_sum)
                 if boundary:
                     grad_norms.append(self._optimizer_step())
@@ -369,7 +368,7 @@ class Trainer:
             "optimizer_steps": len(grad_norms),
         }
 
-    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos, scale) -> float:
+    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary=True) -> float:
         """DDPO-IS / DDPO-SF on one minibatch: backward per trained timestep (memory stays flat)."""
         t, s, policy = self.cfg.train, self.cfg.sample, self.policy
         rows = torch.arange(len(idx)).unsqueeze(1)
@@ -381,35 +380,36 @@ class Trainer:
         adv = adv_all[idx]
         total = 0.0
         for j in range(num_timesteps):
-            eps = policy.predict_noise(
-                latents[:, j], timesteps[:, j], prompt_embeds, negative_embeds, s.guidance_scale
-            )
-            _, log_prob = ddim_step_with_logprob(
-                policy.scheduler,
-                eps,
-                timesteps[:, j],
-                latents[:, j],
-                eta=s.eta,
-                prev_sample=next_latents[:, j],
-            )
-            old = old_log_probs[:, j].to(log_prob.device)
-            if t.algorithm == "ddpo_is":
-                loss, info = ppo_clip_loss(adv, log_prob, old, t.clip_range, t.adv_clip_max)
-            else:
-                loss, info = score_function_loss(adv, log_prob, old, t.adv_clip_max)
-            (loss * scale).backward()
+            with self._grad_sync(boundary and j == num_timesteps - 1):
+                eps = policy.predict_noise(
+                    latents[:, j], timesteps[:, j], prompt_embeds, negative_embeds, s.guidance_scale
+                )
+                _, log_prob = ddim_step_with_logprob(
+                    policy.scheduler,
+                    eps,
+                    timesteps[:, j],
+                    latents[:, j],
+                    eta=s.eta,
+                    prev_sample=next_latents[:, j],
+                )
+                old = old_log_probs[:, j].to(log_prob.device)
+                if t.algorithm == "ddpo_is":
+                    loss, info = ppo_clip_loss(adv, log_prob, old, t.clip_range, t.adv_clip_max)
+                else:
+                    loss, info = score_function_loss(adv, log_prob, old, t.adv_clip_max)
+                (loss * scale).backward()
             infos.append(info)
             total += loss.item() / num_timesteps
         return total
 
-    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen, scale) -> float:
+    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen, scale, boundary=True) -> float:
         """RWR: weighted denoising loss on the sampled final latents at random noise levels."""
         policy = self.policy
         scheduler = policy.scheduler
         x0 = samples.next_latents[idx, -1]
         embeds = samples.prompt_embeds[idx]
         total = 0.0
-        for _ in range(num_timesteps):
+        for j in range(num_timesteps):
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)
             tt = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(
                 x0.device
@@ -422,15 +422,16 @@ class Trainer:
                 target = x0
             else:
                 target = scheduler.get_velocity(x0, noise, tt)
-            pred = policy.predict_noise(noisy, tt, embeds, embeds, guidance_scale=1.0)
-            loss = rwr_loss(pred, target, weights[idx])
-            (loss * scale).backward()
+            with self._grad_sync(boundary and j == num_timesteps - 1):
+                pred = policy.predict_noise(noisy, tt, embeds, embeds, guidance_scale=1.0)
+                loss = rwr_loss(pred, target, weights[idx])
+                (loss * scale).backward()
             total += loss.item() / num_timesteps
         return total
 
-    def _grad_sync(self, boundary: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, all-reduce gradients only on the accumulation boundary."""
-        if not boundary and hasattr(self.policy.unet_forward, "no_sync"):
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce once per optimizer step: on the last backward before it."""
+        if not sync and hasattr(self.policy.unet_forward, "no_sync"):
             return self.policy.unet_forward.no_sync()
         return contextlib.nullcontext()
 

@@ -26,8 +26,8 @@ def test_first_on_policy_ratio_is_exactly_one(make_tiny_config):
     captured = {}
     original = trainer._pg_minibatch
 
-    def spy(samples, idx, perm, adv_all, num_timesteps, infos, scale):
-        out = original(samples, idx, perm, adv_all, num_timesteps, infos, scale)
+    def spy(samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary=True):
+        out = original(samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary)
         captured.setdefault("infos", list(infos))
         return out
 
