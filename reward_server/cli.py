@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reward_server.settings import ServerSettings
+from reward_server.settings import ServerSettings, describe_settings_error
 
 
 def _flag_type(annotation: Any) -> dict[str, Any]:
@@ -81,12 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings, overrides = settings_from_args(argv)
     except ValidationError as err:
-        # Without the input values: they may hold the API keys.
-        problems = "\n".join(
-            f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}"
-            for e in err.errors(include_url=False, include_input=False)
-        )
-        print(f"ddpo-reward-server: invalid settings:\n{problems}", file=sys.stderr)
+        print(f"ddpo-reward-server: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     if settings.workers == 1:

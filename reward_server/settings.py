@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CHEAP_REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]
@@ -240,3 +240,11 @@ class ServerSettings(BaseSettings):
             self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             override.max_concurrent_batches or self.max_concurrent_batches,
         )
+
+
+def describe_settings_error(err: ValidationError) -> str:
+    """One line per bad field, without the input values (they may hold API keys or passwords)."""
+    return "\n".join(
+        f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}"
+        for e in err.errors(include_url=False, include_input=False)
+    )

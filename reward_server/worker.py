@@ -40,7 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
-from reward_server.settings import ServerSettings
+from reward_server.settings import ServerSettings, describe_settings_error
 from shared.redis_streams import (
     JOB_FIELD,
     STORE_RESULT_LUA,
@@ -451,11 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         worker_settings, server_settings = settings_from_args(argv)
     except ValidationError as err:
-        problems = "\n".join(
-            f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}"
-            for e in err.errors(include_url=False, include_input=False)
-        )
-        print(f"ddpo-reward-worker: invalid settings:\n{problems}", file=sys.stderr)
+        print(f"ddpo-reward-worker: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(
         level=server_settings.log_level.upper(),
