@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -67,6 +67,7 @@ class WorkerSettings(BaseSettings):
         default_factory=lambda: os.environ.get("DDPO_REDIS_URL", "redis://127.0.0.1:6379/0"),
         description="Redis URL (redis://, rediss:// or unix://); default: $DDPO_REDIS_URL or local Redis.",
     )
+
     redis_password: str | None = Field(
         default_factory=lambda: os.environ.get("DDPO_REDIS_PASSWORD"),
         repr=False,
@@ -109,6 +110,13 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long running jobs may finish (the rest are reclaimed).",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
 
 class RewardWorker:
