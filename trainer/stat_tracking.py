@@ -46,9 +46,6 @@ class PerPromptStatTracker:
             advantages[mask] = (rewards[mask] - mean) / std
         return advantages
 
-    def stats(self) -> dict[str, int]:
-        return {"num_prompts": len(self.buffers), "num_rewards": sum(len(b) for b in self.buffers.values())}
-
     def state_dict(self) -> dict:
         return {
             "buffer_size": self.buffer_size,
