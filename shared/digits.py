@@ -60,7 +60,7 @@ class DigitsPromptError(ValueError):
 
 
 def parse_prompt(prompt: str) -> DigitSpec:
-    """"a red seven on a blue background" -> DigitSpec(7, "red", "blue"), or DigitsPromptError."""
+    """ "a red seven on a blue background" -> DigitSpec(7, "red", "blue"), or DigitsPromptError."""
     words = prompt.strip().lower().split()
     unknown = [w for w in words if w not in VOCABULARY]
     if unknown:
@@ -82,13 +82,7 @@ def parse_prompt(prompt: str) -> DigitSpec:
 
 def all_specs() -> list[DigitSpec]:
     """Every (digit, stroke, background) with stroke != background: 10 x 20 = 200."""
-    return [
-        DigitSpec(d, s, b)
-        for d in range(10)
-        for s in COLOR_NAMES
-        for b in COLOR_NAMES
-        if s != b
-    ]
+    return [DigitSpec(d, s, b) for d in range(10) for s in COLOR_NAMES for b in COLOR_NAMES if s != b]
 
 
 def train_prompts() -> list[str]:

@@ -1,0 +1,347 @@
+"""The digits base model: a tiny text-to-image Stable Diffusion pretrained here, in minutes, on CPU.
+
+DDPO needs a base that can already draw, imperfectly, what prompts ask for; a random network gives
+RL nothing to improve. This module pretrains one from the digits world of ``shared/digits.py``
+(scikit-learn's handwritten digits as coloured 32x32 pictures, "a red seven on a blue background"),
+with the real diffusers/transformers classes, saved with ``save_pretrained``:
+
+1. a frozen, randomly initialized 2-layer CLIP text encoder over a word-level BPE vocabulary;
+2. an ``AutoencoderKL`` (32x32x3 <-> 16x16x4) trained for reconstruction (+ a small KL term);
+   its ``scaling_factor`` is set to 1 / std of the latents, as SD does;
+3. a ``UNet2DConditionModel`` trained with the epsilon loss on those latents, with 10 % of the
+   prompts replaced by "" so classifier-free guidance works.
+
+Held-out colour pairs are never shown (they are the RL generalization test). The recipe is seeded;
+the result is cached under ``<cache>/digits-base-<hash of the recipe>`` (written to a temporary
+folder, then renamed: a half-written model is never used), so a second run reuses it.
+``model.pretrained: digits`` builds or reuses it; ``python -m trainer.digits_model`` builds it on
+its own (``--out DIR`` to copy it elsewhere). Loadable as it is:
+``StableDiffusionPipeline.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from shared import digits
+from trainer.tiny import build_tiny_tokenizer_files, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+DIGITS_MODEL_NAME = "digits"
+MARKER = "ddpo_digits.json"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+
+
+@dataclass(frozen=True)
+class DigitsRecipe:
+    """Everything that decides the base model's weights; its hash names the cache folder."""
+
+    version: str = "digits-base-v1"  # bump when the code below changes what it builds
+    seed: int = 0
+    num_threads: int = 2
+    batch_size: int = 64
+    max_shift: int = 1  # random translation of the digits, pixels
+    vae_steps: int = 300
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1000
+    unet_lr: float = 1e-3
+    prompt_dropout: float = 0.1  # fraction of "" prompts (classifier-free guidance)
+    text_width: int = 64
+    vae_channels: tuple[int, ...] = (16, 32)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+
+    def digest(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# -- data ----------------------------------------------------------------------------------------
+class DigitsData:
+    """Random coloured digits of the training split and training colour pairs, as float images."""
+
+    def __init__(self, recipe: DigitsRecipe):
+        scans, self.labels = digits.digit_scans("train")
+        self.masks = np.stack([digits.ink_mask(s) for s in scans])  # (N, 32, 32), ink in [0, 1]
+        self.pairs = [
+            (s, b)
+            for s in digits.COLOR_NAMES
+            for b in digits.COLOR_NAMES
+            if s != b and (s, b) not in digits.HELDOUT_COLOR_PAIRS
+        ]
+        self.max_shift = recipe.max_shift
+        self.rng = np.random.default_rng(recipe.seed)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, list[str]]:
+        """(size, 3, 32, 32) images in [-1, 1] and their prompts."""
+        rng = self.rng
+        idx = rng.integers(0, len(self.labels), size)
+        masks = self.masks[idx]
+        if self.max_shift:
+            shifts = rng.integers(-self.max_shift, self.max_shift + 1, (size, 2))
+            masks = np.stack([np.roll(m, tuple(s), axis=(0, 1)) for m, s in zip(masks, shifts, strict=True)])
+        pairs = [self.pairs[i] for i in rng.integers(0, len(self.pairs), size)]
+        fg = np.array([digits.COLORS[s] for s, _ in pairs], np.float32)[:, :, None, None] / 255.0
+        bg = np.array([digits.COLORS[b] for _, b in pairs], np.float32)[:, :, None, None] / 255.0
+        alpha = masks[:, None]
+        images = bg * (1 - alpha) + fg * alpha
+        prompts = [
+            digits.DigitSpec(int(label), s, b).prompt
+            for label, (s, b) in zip(self.labels[idx], pairs, strict=True)
+        ]
+        return torch.from_numpy(images * 2 - 1), prompts
+
+
+# -- the components ------------------------------------------------------------------------------
+def build_components(recipe: DigitsRecipe):
+    """Untrained tokenizer, text encoder, VAE, UNet and the SD v1 DDIM scheduler (seeded)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = build_tiny_tokenizer_files(list(digits.VOCABULARY))
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        # Prompts are 8 words (one token each): 16 positions hold them with <bos>/<eos>.
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    torch.manual_seed(recipe.seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=recipe.text_width,
+            intermediate_size=2 * recipe.text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    torch.manual_seed(recipe.seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=recipe.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=digits.IMAGE_SIZE,
+    )
+    torch.manual_seed(recipe.seed + 2)
+    c = recipe.unet_channels
+    unet = UNet2DConditionModel(
+        sample_size=digits.IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=c,
+        layers_per_block=1,
+        # Attention at the coarse levels only (8x8, 4x4): at 16x16 it triples the step time.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(c) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(c) - 1) + ("UpBlock2D",),
+        cross_attention_dim=recipe.text_width,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+# -- training ------------------------------------------------------------------------------------
+def train_vae(vae, data: DigitsData, recipe: DigitsRecipe, progress: bool) -> float:
+    """Reconstruction + small KL; returns the final reconstruction MSE (images in [-1, 1])."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    vae.train()
+    recon_loss = float("nan")
+    for _ in tqdm(range(recipe.vae_steps), desc="digits base: VAE", disable=not progress):
+        images, _ = data.batch(recipe.batch_size)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = torch.nn.functional.mse_loss(recon, images)
+        loss = mse + recipe.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recon_loss = mse.item()
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():  # SD's convention: scaled latents have unit variance
+        latents = torch.cat([vae.encode(data.batch(256)[0]).latent_dist.mean for _ in range(4)])
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return recon_loss
+
+
+def train_unet(unet, vae, text_encoder, tokenizer, scheduler, data, recipe, progress: bool) -> float:
+    """The epsilon loss on scaled latents; returns the mean loss of the last 50 steps."""
+
+    @torch.no_grad()
+    def embed(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        return text_encoder(ids)[0]
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-4)
+    # Short linear warm-up, then cosine decay to 0: a short run ends at its best loss.
+    warmup = max(1, recipe.unet_steps // 20)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            min(1.0, (step + 1) / warmup)
+            * 0.5
+            * (1 + np.cos(np.pi * min(step, recipe.unet_steps) / recipe.unet_steps))
+        ),
+    )
+    gen = torch.Generator().manual_seed(recipe.seed + 3)
+    unet.train()
+    losses: list[float] = []
+    bar = tqdm(range(recipe.unet_steps), desc="digits base: UNet", disable=not progress)
+    for _ in bar:
+        images, prompts = data.batch(recipe.batch_size)
+        drop = torch.rand(len(prompts), generator=gen) < recipe.prompt_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            x0 = vae.encode(images).latent_dist.sample(gen) * vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=embed(prompts)).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    unet.eval()
+    return float(np.mean(losses[-50:]))
+
+
+def build_digits_pipeline(recipe: DigitsRecipe | None = None, progress: bool = True):
+    """Pretrain the digits base -> (StableDiffusionPipeline, stats). Minutes on two CPU cores."""
+    from diffusers import StableDiffusionPipeline
+
+    recipe = recipe or DigitsRecipe()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.num_threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            started = time.perf_counter()
+            tokenizer, text_encoder, vae, unet, scheduler = build_components(recipe)
+            text_encoder.requires_grad_(False).eval()
+            data = DigitsData(recipe)
+            vae_mse = train_vae(vae, data, recipe, progress)
+            unet_loss = train_unet(unet, vae, text_encoder, tokenizer, scheduler, data, recipe, progress)
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    stats = {"vae_recon_mse": vae_mse, "unet_final_loss": unet_loss, "build_seconds": round(seconds, 1)}
+    return pipe, stats
+
+
+# -- the cache -----------------------------------------------------------------------------------
+def is_complete(folder: Path) -> bool:
+    """A finished build: its marker and every component are there."""
+    return (folder / MARKER).is_file() and all((folder / c).exists() for c in COMPONENTS)
+
+
+def ensure_digits_model(cache_dir: Path | None = None, recipe: DigitsRecipe | None = None,
+                        progress: bool = True) -> Path:  # fmt: skip
+    """The folder of the pretrained digits base, built (minutes) on first use, then reused.
+
+    Concurrent callers serialize on a file lock; the build is written to a temporary folder and
+    renamed into place, so a crash never leaves a folder that looks complete. A folder without
+    its marker or a component (e.g. copied half-way) is moved aside and rebuilt, with a warning
+    naming it.
+    """
+    import fcntl
+
+    recipe = recipe or DigitsRecipe()
+    root = Path(cache_dir or default_cache_dir())
+    folder = root / f"digits-base-{recipe.digest()}"
+    if is_complete(folder):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(folder):
+            return folder
+        if folder.exists():
+            log.warning("digits base %s is incomplete (no %s or a component); rebuilding it", folder, MARKER)
+            shutil.rmtree(folder)
+        if torch.distributed.is_initialized():
+            # transformers writes weights only on rank 0 of a process group: build outside it.
+            import subprocess
+            import sys
+
+            subprocess.run(
+                [sys.executable, "-m", "trainer.digits_model", "--cache-dir", str(root)], check=True
+            )
+            return folder
+        pipe, stats = build_digits_pipeline(recipe, progress=progress)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+        try:
+            pipe.save_pretrained(tmp)
+            info = {"recipe": dataclasses.asdict(recipe), **stats}
+            (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("digits base built in %.0f s: %s", stats["build_seconds"], folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.digits_model",
+        description="Build (or reuse) the pretrained digits base model and print its folder.",
+    )
+    parser.add_argument("--cache-dir", help="cache root (default: $DDPO_CACHE or ~/.cache/ddpo-stack)")
+    parser.add_argument("--out", help="also copy the model to this folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = ensure_digits_model(Path(args.cache_dir) if args.cache_dir else None)
+    if args.out:
+        shutil.copytree(folder, args.out, dirs_exist_ok=True)
+        folder = Path(args.out)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
