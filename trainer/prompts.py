@@ -3,6 +3,8 @@
 - ``common_animals``: the 45 common animals.
 - ``imagenet_animals``: the 398 animal classes of ImageNet-1k (classes 0-397).
 - ``animal_activities``: "a(n) [animal] [activity]" for the common animals x three activities.
+- ``digits``: the digits world's training prompts, "a red seven on a blue background"
+  (``shared/digits.py``; its held-out colour pairs are the held-out prompts).
 - ``file``: one prompt per line from a user file (blank lines and ``#`` comments skipped).
 """
 
@@ -12,7 +14,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-PROMPT_SETS = ("common_animals", "imagenet_animals", "animal_activities", "file")
+PROMPT_SETS = ("common_animals", "imagenet_animals", "animal_activities", "digits", "file")
 
 
 def _read_lines(text: str) -> list[str]:
@@ -41,6 +43,10 @@ def load_prompts(prompt_set: str, path: str | Path | None = None) -> list[str]:
             for animal in _data_file("common_animals.txt")
             for activity in _data_file("activities.txt")
         ]
+    if prompt_set == "digits":
+        from shared.digits import train_prompts
+
+        return train_prompts()
     if prompt_set == "file":
         if path is None:
             raise ValueError("prompts.path: a prompt file is required when prompts.set is 'file'")
@@ -52,6 +58,17 @@ def load_prompts(prompt_set: str, path: str | Path | None = None) -> list[str]:
             raise ValueError(f"prompts.path: {file} holds no prompts (one per line expected)")
         return prompts
     raise ValueError(f"prompts.set: unknown prompt set {prompt_set!r}; valid: {', '.join(PROMPT_SETS)}")
+
+
+def load_heldout_prompts(prompt_set: str, heldout: list[str] | None = None) -> list[str]:
+    """Prompts never trained on, evaluated for generalization: ``heldout`` if given, else the set's own."""
+    if heldout is not None:
+        return list(heldout)
+    if prompt_set == "digits":
+        from shared.digits import heldout_prompts
+
+        return heldout_prompts()
+    return []
 
 
 def all_prompt_words() -> list[str]:

@@ -101,7 +101,7 @@ def _http_client(cfg: Any) -> RewardClient:
     from trainer.embedded import EmbeddedRewardServer
     from trainer.transports.combined import OwningClient
 
-    server = EmbeddedRewardServer([cfg.name]).start()
+    server = EmbeddedRewardServer([cfg.name], env=server_settings_env(cfg.server_settings)).start()
     try:
         return OwningClient(http_client_from_config(cfg, [server.url]), [server.stop])
     except BaseException:
@@ -115,12 +115,24 @@ def _redis_client(cfg: Any) -> RewardClient:
     return redis_client_from_config(cfg)
 
 
+def server_settings_env(settings: dict[str, Any]) -> dict[str, str]:
+    """This process's environment plus ``DDPO_REWARD_<FIELD>`` for each reward-server setting."""
+    import json
+    import os
+
+    env = dict(os.environ)
+    for key, value in settings.items():
+        env[f"DDPO_REWARD_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
 # name -> factory(reward_config). Remote transports import httpx/redis only when chosen.
 def _local_client(cfg: Any) -> RewardClient:
-    """In process, configured like the reward server (DDPO_REWARD_* env: model paths, VLM URL, ...)."""
+    """In process, configured like the reward server: ``reward.server_settings`` over DDPO_REWARD_* env."""
     from reward_server.settings import ServerSettings
 
-    return LocalRewardClient(cfg.name, ServerSettings(rewards=[cfg.name]))
+    settings = {"rewards": [cfg.name], **cfg.server_settings}
+    return LocalRewardClient(cfg.name, ServerSettings(**settings))
 
 
 REWARD_TRANSPORTS: dict[str, Callable[[Any], RewardClient]] = {

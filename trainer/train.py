@@ -40,8 +40,8 @@ from trainer.config import Config
 from trainer.ddim import ddim_step_with_logprob
 from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
 from trainer.losses import LossInfo, ppo_clip_loss, rwr_loss, rwr_weights, score_function_loss
-from trainer.policy import DiffusionPolicy
-from trainer.prompts import load_prompts
+from trainer.policy import DiffusionPolicy, resolve_pretrained
+from trainer.prompts import load_heldout_prompts, load_prompts
 from trainer.reward_client import RewardClient, RewardResult, make_reward_client
 from trainer.run_folder import RunFolder
 from trainer.sampling import Trajectories, sample_trajectories
@@ -59,6 +59,30 @@ def derive_seed(*parts: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+def caption_accuracy(details: Sequence[dict[str, Any]]) -> float | None:
+    """Fraction of samples whose caption states the prompt (``caption_correct``), if the reward says."""
+    flags = [d.get("caption_correct") for d in details]
+    if not flags or any(not isinstance(f, bool) for f in flags):
+        return None
+    return float(np.mean(flags))
+
+
+def diversity(images: np.ndarray, per_prompt: int) -> float:
+    """Mean pairwise RMS distance (pixels in [0, 1]) between images of the same prompt.
+
+    ``images`` holds ``per_prompt`` consecutive images of each prompt. Mode collapse, the usual
+    face of over-optimization, shows as this falling towards 0.
+    """
+    x = images.astype(np.float64).reshape(-1, per_prompt, *images.shape[1:]) / 255.0
+    x = x.reshape(x.shape[0], per_prompt, -1)
+    distances = [
+        np.sqrt(np.mean((x[:, i] - x[:, j]) ** 2, axis=-1))
+        for i in range(per_prompt)
+        for j in range(i + 1, per_prompt)
+    ]
+    return float(np.mean(distances))
+
+
 class Trainer:
     def __init__(
         self,
@@ -67,7 +91,9 @@ class Trainer:
         run_folder: RunFolder | None = None,
         dist_info: DistInfo | None = None,
     ):
-        self.cfg = cfg
+        self.cfg = cfg = cfg.model_copy(deep=True)
+        # config.json records the folder actually loaded ('digits' -> its cache folder).
+        cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)
         self.dist = dist_info or DistInfo()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.rank == 0
@@ -83,6 +109,7 @@ class Trainer:
             seed=derive_seed(cfg.run.seed, EVAL_STREAM, 3),
         )
         self.prompts = load_prompts(cfg.prompts.set, cfg.prompts.path)
+        self.heldout_prompts = load_heldout_prompts(cfg.prompts.set, cfg.prompts.heldout)
         self.reward_client = reward_client or make_reward_client(cfg.reward)
         self._owns_reward_client = reward_client is None
         self.tracker = (
@@ -148,8 +175,14 @@ class Trainer:
         """Train from ``next_epoch`` up to ``run.num_epochs``; returns the per-epoch metrics."""
         history = []
         try:
+            if self.next_epoch == 0 and self.cfg.run.eval_before_training and self.is_main:
+                base = {"epoch": -1, "global_step": 0, **self.evaluate("base")}
+                if self.run_folder is not None:
+                    self.run_folder.append_metrics(base)
             for epoch in range(self.next_epoch, self.cfg.run.num_epochs):
                 history.append(self.train_epoch(epoch))
+            if self.run_folder is not None and history:
+                self.run_folder.save_before_after()
         finally:
             if self._owns_reward_client:
                 self.reward_client.close()
@@ -169,6 +202,7 @@ class Trainer:
         prompts = gather_global(samples.prompts, self.dist, num_batches)
         rewards = np.array(gather_global(local_rewards, self.dist, num_batches), dtype=np.float64)
         details = gather_global([d for r in results for d in r.details], self.dist, num_batches)
+        accuracy = caption_accuracy(details)
         # 3. Advantages.
         advantages = self.compute_advantages(prompts, rewards)
         local_advantages = local_slice(advantages, self.dist, num_batches)
@@ -190,6 +224,7 @@ class Trainer:
             "reward_std": float(rewards.std()),
             "reward_min": float(rewards.min()),
             "reward_max": float(rewards.max()),
+            **({"caption_accuracy": accuracy} if accuracy is not None else {}),
             **train_info,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "num_samples": len(rewards),
@@ -214,9 +249,7 @@ class Trainer:
         if self.is_main and (
             epoch % self.cfg.run.eval_every == 0 or self.next_epoch == self.cfg.run.num_epochs
         ):
-            eval_reward = self.evaluate(epoch)
-            if eval_reward is not None:
-                metrics["eval_reward_mean"] = eval_reward
+            metrics.update(self.evaluate(f"epoch_{epoch:04d}"))
         if self.run_folder is not None:
             self.run_folder.append_metrics(metrics)
             self.run_folder.plot_rewards()
@@ -445,26 +478,50 @@ class Trainer:
         return float(grad_norm)
 
     # -- 5. eval grid and checkpoints --------------------------------------------------------
-    def eval_plan(self) -> tuple[list[str], list[int]]:
-        """The same prompts and seeds at every eval, so the grids show progress."""
-        n = self.cfg.run.eval_num_images
-        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, EVAL_STREAM, 0))
-        prompts = [self.prompts[i] for i in rng.integers(0, len(self.prompts), n)]
-        base = derive_seed(self.cfg.run.seed, EVAL_STREAM, 1)
-        return prompts, [(base + i) % 2**63 for i in range(n)]
+    def eval_plan(self, heldout: bool = False) -> tuple[list[str], list[int]]:
+        """The same prompts and seeds at every eval, so the grids show progress.
 
-    def evaluate(self, epoch: int) -> float | None:
+        ``eval_num_images`` training prompts (or held-out ones), each ``eval_images_per_prompt``
+        times with its own seed.
+        """
+        run = self.cfg.run
+        pool = self.heldout_prompts if heldout else self.prompts
+        rng = np.random.default_rng(derive_seed(run.seed, EVAL_STREAM, 2 if heldout else 0))
+        chosen = [pool[i] for i in rng.integers(0, len(pool), run.eval_num_images)] if pool else []
+        prompts = [p for p in chosen for _ in range(run.eval_images_per_prompt)]
+        base = derive_seed(run.seed, EVAL_STREAM, 3 if heldout else 1)
+        return prompts, [(base + i) % 2**63 for i in range(len(prompts))]
+
+    def evaluate(self, name: str) -> dict[str, float]:
+        """Sample and score the fixed eval prompts (training, then held-out); save their grids.
+
+        Returns ``eval_*`` metrics (``eval_heldout_*`` for held-out prompts): reward mean, caption
+        accuracy when the reward reports it, diversity with several images per prompt.
+        """
         self.policy.unet.eval()
-        prompts, seeds = self.eval_plan()
-        traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds, keep_trajectory=False)
-        try:
-            rewards = self.reward_client.submit(traj.images, prompts).result().rewards
-        except RewardError as err:  # the grid is for people; a failed score must not stop training
-            log.warning("eval grid of epoch %d got no reward: %s", epoch, err)
-            return None
-        if self.run_folder is not None:
-            self.run_folder.save_grid(epoch, traj.images, prompts, rewards.tolist())
-        return float(rewards.mean())
+        metrics: dict[str, float] = {}
+        for heldout in (False, True):
+            prompts, seeds = self.eval_plan(heldout)
+            if not prompts:
+                continue
+            prefix, suffix = ("eval_heldout_", "_heldout") if heldout else ("eval_", "")
+            traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds, keep_trajectory=False)
+            if self.cfg.run.eval_images_per_prompt > 1:
+                metrics[prefix + "diversity"] = diversity(traj.images, self.cfg.run.eval_images_per_prompt)
+            try:
+                result = self.reward_client.submit(traj.images, prompts).result()
+            except RewardError as err:  # the grid is for people; a failed score must not stop training
+                log.warning("eval %s%s got no reward: %s", name, suffix, err)
+                continue
+            metrics[prefix + "reward_mean"] = float(result.rewards.mean())
+            accuracy = caption_accuracy(result.details)
+            if accuracy is not None:
+                metrics[prefix + "caption_accuracy"] = accuracy
+            if self.run_folder is not None:
+                self.run_folder.save_grid(
+                    name + suffix, traj.images, prompts, result.rewards.tolist(), result.details
+                )
+        return metrics
 
     def save(self) -> None:
         if self.run_folder is None:

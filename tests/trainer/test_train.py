@@ -89,9 +89,9 @@ def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
     state_a, state_b = straight.policy.trainable_state_dict(), resumed.policy.trainable_state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    # The run folder's metrics hold each epoch once.
+    # The run folder's metrics hold each epoch once (-1: the base model's eval, before training).
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]
+    assert epochs == [-1, 0, 1, 2, 3]
 
 
 def test_saved_lora_loads_in_diffusers_and_changes_output(make_tiny_config):
