@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -124,21 +132,22 @@ class PromptConfig(_Section):
         "pairs), none for the other sets. With set='digits' every prompt must use the digits vocabulary.",
     )
 
-    @model_validator(mode="after")
-    def _heldout_prompts(self) -> PromptConfig:
-        if self.set != "digits" or self.heldout is None:
-            return self
+    @field_validator("heldout")
+    @classmethod
+    def _heldout_prompts(cls, heldout: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if info.data.get("set") != "digits" or heldout is None:
+            return heldout
         from shared.digits import DigitsPromptError, parse_prompt, train_prompts
 
         trained = set(train_prompts())
-        for i, prompt in enumerate(self.heldout):
+        for i, prompt in enumerate(heldout):
             try:
                 parse_prompt(prompt)
             except DigitsPromptError as err:
-                raise ValueError(f"heldout[{i}]: {err}") from None
+                raise ValueError(f"[{i}]: {err}") from None
             if prompt in trained:
-                raise ValueError(f"heldout[{i}]: {prompt!r} is a training prompt, not held out")
-        return self
+                raise ValueError(f"[{i}]: {prompt!r} is a training prompt, not held out")
+        return heldout
 
 
 class RewardComponent(_Section):
@@ -513,6 +522,28 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | None = N
             raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
         data = json.loads(json.dumps(PRESETS[preset]))
     data = deep_merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def algorithms() -> tuple[str, ...]:
+    """Every value ``train.algorithm`` accepts (benchmarks loop over these)."""
+    return get_args(TrainConfig.model_fields["algorithm"].annotation)
+
+
+def with_algorithm(cfg: Config, algorithm: str) -> Config:
+    """``cfg`` switched to ``algorithm``, with the settings that algorithm requires.
+
+    ddpo_sf's gradient is unbiased only on-policy: one optimizer step per sampled epoch.
+    """
+    data = cfg.model_dump()
+    data["train"]["algorithm"] = algorithm
+    if algorithm == "ddpo_sf":
+        samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+        data["train"]["num_inner_epochs"] = 1
+        data["train"]["gradient_accumulation_steps"] = samples // cfg.train.batch_size
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -117,7 +117,7 @@ def build_components(recipe: DigitsRecipe):
         vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
         vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
         merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        # Prompts are 8 words (one token each): 16 positions hold them with <bos>/<eos>.
+        # Prompts are 7 words (one token each): 16 positions hold them with <bos>/<eos>.
         tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
     torch.manual_seed(recipe.seed)
     text_encoder = CLIPTextModel(

@@ -487,7 +487,9 @@ class Trainer:
         run = self.cfg.run
         pool = self.heldout_prompts if heldout else self.prompts
         rng = np.random.default_rng(derive_seed(run.seed, EVAL_STREAM, 2 if heldout else 0))
-        chosen = [pool[i] for i in rng.integers(0, len(pool), run.eval_num_images)] if pool else []
+        # Distinct prompts while the pool has enough (cycling through a shuffled pool after that).
+        order = rng.permutation(len(pool))
+        chosen = [pool[order[i % len(pool)]] for i in range(run.eval_num_images)] if pool else []
         prompts = [p for p in chosen for _ in range(run.eval_images_per_prompt)]
         base = derive_seed(run.seed, EVAL_STREAM, 3 if heldout else 1)
         return prompts, [(base + i) % 2**63 for i in range(len(prompts))]

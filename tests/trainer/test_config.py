@@ -119,3 +119,16 @@ def test_eta_above_one_and_negative_seed_are_refused():
         build_config("tiny", {"sample": {"eta": 1.5}})
     with pytest.raises(ConfigError, match=r"run\.seed"):
         build_config("tiny", {"run": {"seed": -1}})
+
+
+@pytest.mark.parametrize(
+    ("heldout", "match"),
+    [
+        (["a purple seven on a blue background"], r"prompts\.heldout.*unknown word 'purple'"),
+        (["a red seven on a green background"], r"prompts\.heldout.*is a training prompt"),
+    ],
+)
+def test_heldout_digits_prompts_are_checked(heldout, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config("digits-alignment", {"prompts": {"heldout": heldout}})
+    assert build_config("digits-alignment", {"prompts": {"heldout": ["a red seven on a blue background"]}})

@@ -1,0 +1,182 @@
+"""The learning benchmark: does RL make the digits base follow its prompts, and which algorithm best?
+
+Every algorithm the trainer has (``trainer.config.algorithms()``: a new one joins with no edit
+here) trains the same pretrained digits base (``model.pretrained digits``) with the
+``digits-alignment`` preset, for several seeds and the same number of reward queries (samples
+scored for training; eval samples are not counted). At every eval the fixed eval prompts (training
+prompts, and held-out prompts never trained on), several seeds each, are sampled and scored by
+the digits captioner + BERTScore; caption accuracy = all of digit, stroke and background right.
+
+Prints a table (base vs final, mean ± std over seeds) and writes, under ``--out``:
+``bench_learning.png`` (caption accuracy and reward against reward queries, one curve per
+algorithm, seed spread shaded) and ``bench_learning.json`` (every curve).
+
+Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 15] [--algorithms ddpo_is rwr]
+        [--set train.learning_rate=1e-3 ...] [--out docs/bench_learning]
+Rewards are scored in process (transport local: the same scorer code the reward server runs) so
+the runs measure learning, not transport; ``--transport http`` runs each through its own embedded
+reward server instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+CURVES = {
+    "train": "eval_caption_accuracy",
+    "heldout": "eval_heldout_caption_accuracy",
+    "reward": "eval_reward_mean",
+    "heldout_reward": "eval_heldout_reward_mean",
+    "diversity": "eval_diversity",
+}
+
+
+def run_one(algorithm: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """Train one (algorithm, seed); its eval curves against reward queries."""
+    from trainer.config import build_config, parse_overrides, with_algorithm
+    from trainer.train import Trainer
+
+    overrides = parse_overrides([f"--{item}" for item in args.set])
+    overrides = {
+        **overrides,
+        "reward": {**overrides.get("reward", {}), "transport": args.transport},
+        "run": {
+            **overrides.get("run", {}),
+            "seed": seed,
+            "num_epochs": args.epochs,
+            "eval_every": args.eval_every,
+            "eval_num_images": args.eval_prompts,
+            "eval_images_per_prompt": args.eval_seeds,
+            "save_every": 10_000,
+            "output_dir": out_dir,
+            "name": f"{algorithm}-seed{seed}",
+            "progress": False,
+        },
+    }
+    cfg = with_algorithm(build_config("digits-alignment", overrides), algorithm)
+    started = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.run()
+    seconds = time.perf_counter() - started
+    samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+    curves: dict[str, list[list[float]]] = {name: [] for name in CURVES}
+    for m in trainer.run_folder.read_metrics():
+        queries = (m["epoch"] + 1) * samples_per_epoch  # epoch -1 (the base model): 0 queries
+        for name, key in CURVES.items():
+            if key in m:
+                curves[name].append([queries, m[key]])
+    return {"algorithm": algorithm, "seed": seed, "seconds": seconds, "curves": curves}
+
+
+def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float, float]:
+    values = [r["curves"][name][index][1] for r in runs]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
+    header = (
+        f"{'algorithm':<10} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
+        f"{'eval reward (train prompts)':^29} | {'min/run':>7}"
+    )
+    lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
+    for algorithm, runs in results.items():
+        cells = []
+        for name in ("train", "heldout", "reward"):
+            (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
+            cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
+        minutes = np.mean([r["seconds"] for r in runs]) / 60
+        lines.append(f"{algorithm:<10} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
+                     f"{minutes:7.1f}")  # fmt: skip
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train", "caption accuracy, training prompts"),
+        ("heldout", "caption accuracy, held-out prompts"),
+        ("reward", "reward (BERTScore recall), training prompts"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=110)
+    for ax, (name, title) in zip(axes, panels, strict=True):
+        for algorithm, runs in results.items():
+            x = np.array([q for q, _ in runs[0]["curves"][name]])
+            y = np.array([[v for _, v in r["curves"][name]] for r in runs])
+            mean, std = y.mean(0), y.std(0)
+            ax.plot(x, mean, marker="o", markersize=3, label=f"{algorithm} ({len(runs)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("reward queries (training samples scored)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    from trainer.config import algorithms
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--algorithms", nargs="+", default=list(algorithms()), choices=algorithms())
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=15, help="epochs per run (the reward-query budget)")
+    parser.add_argument("--eval-every", type=int, default=3)
+    parser.add_argument("--eval-prompts", type=int, default=40, help="eval prompts per group")
+    parser.add_argument("--eval-seeds", type=int, default=2, help="seeds per eval prompt")
+    parser.add_argument("--transport", choices=["local", "http"], default="local")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides, e.g. train.learning_rate=1e-3"
+    )
+    parser.add_argument("--out", default="docs/bench_learning", help="folder for the PNG and JSON")
+    args = parser.parse_args()
+    if args.transport == "http":
+        args.set.append("reward.embed_server=true")
+    logging.basicConfig(level=logging.WARNING)
+
+    from trainer.cli import quiet_libraries
+    from trainer.policy import resolve_pretrained
+
+    quiet_libraries()
+    resolve_pretrained("digits")  # build (or reuse) the shared base once, before the clock starts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-learning-") as runs_dir:
+        for algorithm in args.algorithms:
+            for seed in args.seeds:
+                run = run_one(algorithm, seed, args, runs_dir)
+                results.setdefault(algorithm, []).append(run)
+                train = run["curves"]["train"]
+                print(f"{algorithm} seed {seed}: train accuracy {train[0][1]:.3f} -> {train[-1][1]:.3f} "
+                      f"({run['seconds'] / 60:.1f} min)", flush=True)  # fmt: skip
+    any_run = next(iter(results.values()))[0]
+    table = print_table(results, queries=int(any_run["curves"]["train"][-1][0]))
+    plot(results, out / "bench_learning.png")
+    (out / "bench_learning.json").write_text(
+        json.dumps({"args": vars(args), "table": table, "runs": results}, indent=1) + "\n"
+    )
+    print(f"wrote {out / 'bench_learning.png'} and {out / 'bench_learning.json'}")
+
+
+if __name__ == "__main__":
+    main()
