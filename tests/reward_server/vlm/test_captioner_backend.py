@@ -124,7 +124,7 @@ def test_shifts_equal_ink_mask_shifts():
         np.testing.assert_array_equal(shifted[i].numpy(), ink_mask(scans[i], shift=(dy, dx)))
 
 
-def test_training_batches_are_seeded_and_augmented():
+def test_training_batches_are_seeded():
     scans, labels = digit_scans("train")
     masks, labels_t = cap.clean_masks(scans), torch.from_numpy(labels)
     recipe = cap.Recipe()
@@ -136,10 +136,33 @@ def test_training_batches_are_seeded_and_augmented():
     assert not torch.equal(a[0], c[0])
     # Held-out colour pairs are trained on too: the judge must know every pair.
     assert len(cap.COLOR_PAIRS) == 20 and ("red", "blue") in cap.COLOR_PAIRS
-    # Augmented pictures are not clean renders: jittered colours leave the five palette colours.
-    palette = {tuple(int(v) for v in rgb) for rgb in cap.COLOR_RGB}
-    corner = (a[0][:, :, 0, 0] * 255).round().int().tolist()
-    assert sum(tuple(c) not in palette for c in corner) > len(corner) // 2
+
+
+@pytest.mark.parametrize("only", ["max_shift", "color_jitter", "noise_std_max", "blur_max", None])
+def test_each_augmentation_changes_the_pictures(only):
+    off = {"max_shift": 0, "color_jitter": 0.0, "noise_std_max": 0.0, "blur_max": 0.0}
+    recipe = cap.Recipe(**{**off, **({only: getattr(cap.Recipe(), only)} if only else {})})
+    scans, labels = digit_scans("test")
+    index, pairs = torch.arange(100), torch.arange(100) % len(cap.COLOR_PAIRS)
+    generator = torch.Generator().manual_seed(0)
+    x, *_ = cap.make_batch(
+        cap.clean_masks(scans), torch.from_numpy(labels), recipe, generator, True, index, pairs
+    )
+    pictures = (x * 255).round().byte().permute(0, 2, 3, 1).numpy().astype(int)
+    clean = np.stack([render(scans[i], *cap.COLOR_PAIRS[int(p)]) for i, p in zip(index, pairs, strict=True)])
+    changed = [not np.array_equal(a, b) for a, b in zip(pictures, clean, strict=True)]
+    if only is None:
+        assert not any(changed)  # everything off: exactly the clean renders
+        return
+    assert sum(changed) > 50, only
+    corners = pictures[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (B, 4, 3): background only
+    if only == "color_jitter":  # the background colour moves, by at most the jitter, evenly
+        assert (corners == corners[:, :1]).all()
+        assert np.abs(corners[:, 0] - clean[:, 0, 0]).max() <= recipe.color_jitter + 0.5
+    elif only == "noise_std_max":  # pixels of one colour differ from each other
+        assert (corners != corners[:, :1]).any(axis=(1, 2)).mean() > 0.5
+    else:  # shifts and blur move ink, not the background
+        assert (corners == clean[:, :1, :1].reshape(-1, 1, 3)).all()
 
 
 # --- the cache ----------------------------------------------------------------------------------------
@@ -158,6 +181,22 @@ def fake_training(monkeypatch, captioner_folder):
     monkeypatch.setattr(cap, "train", train)
     monkeypatch.setattr(cap, "measure", lambda net, recipe: meta["accuracy_on_test_scans"])
     return calls
+
+
+def test_the_folder_appears_complete_or_not_at_all(tmp_path, monkeypatch, fake_training):
+    target = tmp_path / f"captioner-{cap.Recipe().key()}"
+    saved_into = []
+    original_save = cap.save
+
+    def save(net, recipe, measured, folder, seconds):
+        assert not target.exists()  # nothing at the target while files are being written
+        saved_into.append(folder)
+        original_save(net, recipe, measured, folder, seconds)
+
+    monkeypatch.setattr(cap, "save", save)
+    assert cap.ensure_captioner(tmp_path, progress=False) == target
+    assert saved_into[0] != target and saved_into[0].parent == tmp_path  # a sibling, then renamed
+    assert not saved_into[0].exists() and cap.captioner_problem(target) is None
 
 
 def test_second_ensure_reuses_the_cache(tmp_path, fake_training):
