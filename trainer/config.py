@@ -67,6 +67,21 @@ class SampleConfig(_Section):
     )
     batch_size: int = Field(8, ge=1, description="Images per sampling batch, per rank.")
     num_batches_per_epoch: int = Field(4, ge=1, description="Sampling batches per epoch, per rank.")
+    images_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="K: each sampling batch holds K images (different seeds) of each of its prompts, "
+        "a group; with advantage.min_count <= K the per-prompt tracker normalizes each reward within "
+        "its prompt's group (and history). Must divide batch_size.",
+    )
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> SampleConfig:
+        if self.batch_size % self.images_per_prompt:
+            raise ValueError(
+                f"images_per_prompt ({self.images_per_prompt}) must divide batch_size ({self.batch_size})"
+            )
+        return self
 
 
 class TrainConfig(_Section):

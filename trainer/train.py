@@ -67,6 +67,14 @@ def caption_accuracy(details: Sequence[dict[str, Any]]) -> float | None:
     return float(np.mean(flags))
 
 
+def zero_std_ratio(prompts: Sequence[str], rewards: np.ndarray) -> float:
+    """Fraction of prompts whose samples this epoch all got the same reward (no signal to learn)."""
+    groups: dict[str, list[float]] = {}
+    for prompt, reward in zip(prompts, rewards, strict=True):
+        groups.setdefault(prompt, []).append(float(reward))
+    return float(np.mean([np.ptp(g) == 0 for g in groups.values()]))
+
+
 def diversity(images: np.ndarray, per_prompt: int) -> float:
     """Mean pairwise RMS distance (pixels in [0, 1]) between images of the same prompt.
 
@@ -225,6 +233,11 @@ class Trainer:
             "reward_min": float(rewards.min()),
             "reward_max": float(rewards.max()),
             **({"caption_accuracy": accuracy} if accuracy is not None else {}),
+            **(
+                {"zero_std_ratio": zero_std_ratio(prompts, rewards)}
+                if self.cfg.sample.images_per_prompt > 1
+                else {}
+            ),
             **train_info,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "num_samples": len(rewards),
@@ -277,7 +290,8 @@ class Trainer:
         size, global_size = self.cfg.sample.batch_size, self.cfg.sample.batch_size * self.world_size
         key = (self.cfg.run.seed, epoch, batch)
         rng = np.random.default_rng(derive_seed(*key, 0))
-        prompt_ids = rng.integers(0, len(self.prompts), global_size)
+        k = self.cfg.sample.images_per_prompt  # groups of k consecutive samples share a prompt
+        prompt_ids = np.repeat(rng.integers(0, len(self.prompts), global_size // k), k)
         base = derive_seed(*key, 1)
         mine = range(self.rank * size, (self.rank + 1) * size)
         return [self.prompts[prompt_ids[i]] for i in mine], [(base + i) % 2**63 for i in mine]

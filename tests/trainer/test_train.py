@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from trainer.checkpoint import find_checkpoint
+from trainer.config import ConfigError
 from trainer.reward_client import LocalRewardClient
-from trainer.train import Trainer
+from trainer.train import Trainer, derive_seed
 from trainer.transports.errors import RewardUnavailableError
 
 
@@ -204,3 +205,22 @@ def test_dropped_batch_still_steps_on_the_remaining_samples(make_tiny_config):
     client.close()
     assert metrics["num_dropped"] == 4 and metrics["num_samples"] == 8
     assert metrics["optimizer_steps"] == 1
+
+
+def test_images_per_prompt_makes_groups_and_k1_keeps_the_plan(make_tiny_config):
+    from trainer.train import zero_std_ratio
+
+    single = Trainer(make_tiny_config())
+    grouped = Trainer(make_tiny_config(sample={"images_per_prompt": 2}))
+    prompts, seeds = grouped.epoch_batch_plan(epoch=0, batch=0)
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and len(set(seeds)) == 4
+    # K = 1 draws exactly the plan of a run without groups (the same prompts as before the option).
+    rng = np.random.default_rng(derive_seed(single.cfg.run.seed, 0, 0, 0))
+    expected = [single.prompts[i] for i in rng.integers(0, len(single.prompts), 4)]
+    assert single.epoch_batch_plan(epoch=0, batch=0)[0] == expected
+    assert zero_std_ratio(["a", "a", "b", "b"], np.array([1.0, 1.0, 0.0, 2.0])) == 0.5
+
+
+def test_images_per_prompt_must_divide_the_batch(make_tiny_config):
+    with pytest.raises(ConfigError, match=r"sample.*images_per_prompt \(3\) must divide batch_size \(4\)"):
+        make_tiny_config(sample={"images_per_prompt": 3})
