@@ -443,7 +443,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pretrained": "digits",
             "dtype": "fp32",
             "lora_rank": 8,
-            "lora_target_modules": TINY_LORA_TARGETS,
+            "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
         },
         "sample": {
             "num_steps": 20,
@@ -451,11 +451,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "guidance_scale": 3.0,
             "batch_size": 16,
             "num_batches_per_epoch": 4,
+            "images_per_prompt": 4,  # groups: 16 prompts x 4 seeds per epoch
         },
         "train": {
             "learning_rate": 3e-3,
             "batch_size": 16,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": 4,  # one optimizer step per epoch of 64 samples
             "clip_range": 0.1,
             "timestep_fraction": 0.5,
         },
