@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared import digits
-from trainer.tiny import build_tiny_tokenizer_files, default_cache_dir
+from trainer.tiny import build_tiny_tokenizer_files, default_cache_dir, sd_v1_ddim_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DigitsData:
 # -- the components ------------------------------------------------------------------------------
 def build_components(recipe: DigitsRecipe):
     """Untrained tokenizer, text encoder, VAE, UNet and the SD v1 DDIM scheduler (seeded)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = build_tiny_tokenizer_files(list(digits.VOCABULARY))
@@ -161,16 +161,7 @@ def build_components(recipe: DigitsRecipe):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return tokenizer, text_encoder, vae, unet, sd_v1_ddim_scheduler()
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -61,9 +61,24 @@ def build_tiny_tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[s
     return {token: i for i, token in enumerate(vocab_tokens)}, merges
 
 
+def sd_v1_ddim_scheduler():
+    """The SD v1.x DDIM configuration (final alpha = alphas_cumprod[0], so every step has std > 0)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
     """Build (in memory) a tiny StableDiffusionPipeline with seeded random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from trainer.prompts import all_prompt_words
@@ -115,16 +130,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    # The SD v1.x DDIM configuration (final alpha = alphas_cumprod[0], so every step has std > 0).
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_v1_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -29,6 +29,15 @@ class VLMBackend(ABC):
         """Release the HTTP client / model."""
 
 
+def check_vlm_inputs(images: Sequence[np.ndarray], questions: Sequence[str]) -> None:
+    """One HxWx3 uint8 RGB image per question, or ValueError saying which is wrong."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images for {len(questions)} questions")
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
+
+
 VLM_BACKENDS: dict[str, Callable[[Any], VLMBackend]] = {}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reward_server.vlm.base import VLMBackend, VLMError, register_vlm_backend
+from reward_server.vlm.base import VLMBackend, VLMError, check_vlm_inputs, register_vlm_backend
 from reward_server.vlm.captioner import Prediction, decode, ensure_captioner, images_to_tensor, load
 from shared.digits import DigitSpec
 
@@ -32,14 +32,6 @@ def caption(prediction: Prediction) -> str:
     """The answer sentence: "The image shows a red seven on a blue background."."""
     spec = DigitSpec(prediction.digit, prediction.stroke, prediction.background)
     return f"The image shows {spec.prompt}."
-
-
-def _check_inputs(images: Sequence[np.ndarray], questions: Sequence[str]) -> None:
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    for i, image in enumerate(images):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
 
 
 class CaptionerBackend(VLMBackend):
@@ -62,7 +54,7 @@ class CaptionerBackend(VLMBackend):
         return answers
 
     async def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
-        _check_inputs(images, questions)  # caller errors stay ValueError
+        check_vlm_inputs(images, questions)  # caller errors stay ValueError
         if not images:
             return []
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from reward_server.vlm.base import VLMBackend, VLMError, register_vlm_backend
+from reward_server.vlm.base import VLMBackend, VLMError, check_vlm_inputs, register_vlm_backend
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -29,14 +29,6 @@ def resolve_dtype(dtype: str, device: str):
     if dtype == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
-
-
-def _check_inputs(images: Sequence[np.ndarray], questions: Sequence[str]) -> None:
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    for i, image in enumerate(images):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
 
 
 class TransformersLlavaBackend(VLMBackend):
@@ -68,7 +60,7 @@ class TransformersLlavaBackend(VLMBackend):
 
     def answer_blocking(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
         """The synchronous work behind ``answer``."""
-        _check_inputs(images, questions)
+        check_vlm_inputs(images, questions)
         if not images:
             return []
         prompts = [self.prompt(q) for q in questions]
@@ -98,7 +90,7 @@ class TransformersLlavaBackend(VLMBackend):
         return [a.strip() for a in answers]  # the openai backend strips too
 
     async def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
-        _check_inputs(images, questions)  # caller errors stay ValueError
+        check_vlm_inputs(images, questions)  # caller errors stay ValueError
         try:
             return await asyncio.to_thread(self.answer_blocking, list(images), list(questions))
         except Exception as err:  # out of memory, a bad image, ...: a VLM failure, never a silent 0
