@@ -22,13 +22,3 @@ def tiny_config(tmp_path, **sections) -> Config:
 def make_tiny_config(tmp_path):
     return lambda **sections: tiny_config(tmp_path, **sections)
 
-
-@pytest.fixture(scope="session")
-def digits_base():
-    """The real digits base (minutes to build on first use). Its cache folder is named by a hash of
-    its recipe and written then renamed, so the user's cache (shared with the main job) is safe."""
-    from pathlib import Path
-
-    from trainer.digits_model import ensure_digits_model
-
-    return ensure_digits_model(Path.home() / ".cache" / "ddpo-stack", progress=False)
