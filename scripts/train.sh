@@ -11,6 +11,6 @@ cd "$ROOT"
 if [ "$#" -eq 0 ]; then
     # Build (or reuse) the judge first, so its progress shows here rather than in the server's log.
     ddpo-build-captioner
-    set -- --preset digits-alignment
+    set -- --preset digits-alignment --reward.transport http --reward.embed_server true
 fi
 exec ddpo-train "$@"

@@ -462,12 +462,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "prompts": {"set": "digits"},
         "advantage": {"buffer_size": 16, "min_count": 4},
-        "reward": {
-            "name": "llava_bertscore",
-            "transport": "http",
-            "embed_server": True,
-            "server_settings": DIGITS_REWARD_SERVER,
-        },
+        # In process by default (benchmarks, tests); scripts/train.sh runs it through its own
+        # reward server over HTTP (--reward.transport http --reward.embed_server true).
+        "reward": {"name": "llava_bertscore", "transport": "local", "server_settings": DIGITS_REWARD_SERVER},
         "run": {
             "name": "digits-alignment",
             "num_epochs": 15,

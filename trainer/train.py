@@ -184,7 +184,7 @@ class Trainer:
         history = []
         try:
             if self.next_epoch == 0 and self.cfg.run.eval_before_training and self.is_main:
-                base = {"epoch": -1, "global_step": 0, **self.evaluate("base")}
+                base = {"epoch": -1, "global_step": 0, "world_size": self.world_size, **self.evaluate("base")}
                 if self.run_folder is not None:
                     self.run_folder.append_metrics(base)
             for epoch in range(self.next_epoch, self.cfg.run.num_epochs):

@@ -56,7 +56,8 @@ def test_compose_topology_as_plain_processes(tmp_path, redis_server: RedisServer
 
     run_dir = tmp_path / "compose"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1] and all(m["world_size"] == 2 for m in metrics)
+    # Epoch -1: the base model's eval, before training.
+    assert [m["epoch"] for m in metrics] == [-1, 0, 1] and all(m["world_size"] == 2 for m in metrics)
     rows = [json.loads(line) for line in (run_dir / "samples/epoch_0001.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # ranks x batches x batch size
     for row in rows:  # each sample's reward is the weighted sum of what both services returned

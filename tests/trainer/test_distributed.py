@@ -129,4 +129,4 @@ def test_torchrun_two_ranks_then_resume_with_one(tmp_path):
     )
     assert second.returncode == 0, second.stderr[-3000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["epoch"], m["world_size"]) for m in metrics] == [(0, 2), (1, 1)]
+    assert [(m["epoch"], m["world_size"]) for m in metrics] == [(-1, 2), (0, 2), (1, 1)]  # -1: base eval
