@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared import digits
-from trainer.tiny import build_tiny_tokenizer_files, default_cache_dir, sd_v1_ddim_scheduler
+from trainer.tiny import assemble_sd_pipeline, build_word_tokenizer, default_cache_dir, sd_v1_ddim_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,10 @@ class DigitsData:
 def build_components(recipe: DigitsRecipe):
     """Untrained tokenizer, text encoder, VAE, UNet and the SD v1 DDIM scheduler (seeded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab, merges = build_tiny_tokenizer_files(list(digits.VOCABULARY))
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        # Prompts are 7 words (one token each): 16 positions hold them with <bos>/<eos>.
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+    # Prompts are 7 words (one token each): 16 positions hold them with <bos>/<eos>.
+    tokenizer, vocab = build_word_tokenizer(list(digits.VOCABULARY), model_max_length=16)
     torch.manual_seed(recipe.seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -237,7 +232,6 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, data, recipe, prog
 
 def build_digits_pipeline(recipe: DigitsRecipe | None = None, progress: bool = True):
     """Pretrain the digits base -> (StableDiffusionPipeline, stats). Minutes on two CPU cores."""
-    from diffusers import StableDiffusionPipeline
 
     recipe = recipe or DigitsRecipe()
     # Seeded; bit-exact for a given torch version and thread count (torch's CPU reductions split
@@ -250,16 +244,7 @@ def build_digits_pipeline(recipe: DigitsRecipe | None = None, progress: bool = T
         vae_mse = train_vae(vae, data, recipe, progress)
         unet_loss = train_unet(unet, vae, text_encoder, tokenizer, scheduler, data, recipe, progress)
         seconds = time.perf_counter() - started
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     stats = {"vae_recon_mse": vae_mse, "unet_final_loss": unet_loss, "build_seconds": round(seconds, 1)}
     return pipe, stats
 

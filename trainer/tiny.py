@@ -61,6 +61,36 @@ def build_tiny_tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[s
     return {token: i for i, token in enumerate(vocab_tokens)}, merges
 
 
+def build_word_tokenizer(words: list[str], model_max_length: int):
+    """A CLIPTokenizer whose BPE spells each of ``words`` as one token -> (tokenizer, vocab)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_tiny_tokenizer_files(words)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Files, passed positionally: the one constructor form transformers 4.x and 5.x share.
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
+    return tokenizer, vocab
+
+
+def assemble_sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline of these parts, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def sd_v1_ddim_scheduler():
     """The SD v1.x DDIM configuration (final alpha = alphas_cumprod[0], so every step has std > 0)."""
     from diffusers import DDIMScheduler
@@ -78,18 +108,12 @@ def sd_v1_ddim_scheduler():
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
     """Build (in memory) a tiny StableDiffusionPipeline with seeded random weights."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from trainer.prompts import all_prompt_words
 
-    vocab, merges = build_tiny_tokenizer_files(all_prompt_words())
-    with tempfile.TemporaryDirectory() as tmp:
-        # Files, passed positionally: the one constructor form transformers 4.x and 5.x share.
-        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+    tokenizer, vocab = build_word_tokenizer(all_prompt_words(), model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -130,17 +154,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = sd_v1_ddim_scheduler()
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(vae, text_encoder, tokenizer, unet, sd_v1_ddim_scheduler())
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
