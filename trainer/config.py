@@ -74,6 +74,21 @@ class SampleConfig(_Section):
         "a group; with advantage.min_count <= K the per-prompt tracker normalizes each reward within "
         "its prompt's group (and history). Must divide batch_size.",
     )
+    window_size: int = Field(
+        0,
+        ge=0,
+        description="W: only W consecutive denoising steps are stochastic (eta) and trained; the others "
+        "are deterministic DDIM (eta = 0) with no log-prob. 0 = every step (DDPO).",
+    )
+    window_start: int = Field(
+        0, ge=0, description="Index (0 = the noisiest step) of the window's first step; eval uses it."
+    )
+    window_start_max: int | None = Field(
+        None,
+        ge=0,
+        description="If set, each epoch draws its window's first step uniformly from "
+        "[window_start, window_start_max] (the same on every rank).",
+    )
 
     @model_validator(mode="after")
     def _groups_fit(self) -> SampleConfig:
@@ -81,7 +96,27 @@ class SampleConfig(_Section):
             raise ValueError(
                 f"images_per_prompt ({self.images_per_prompt}) must divide batch_size ({self.batch_size})"
             )
+        if self.window_size > self.num_steps:
+            raise ValueError(f"window_size ({self.window_size}) is larger than num_steps ({self.num_steps})")
+        if self.window_size:
+            last_start = self.window_start if self.window_start_max is None else self.window_start_max
+            if self.window_start_max is not None and self.window_start_max < self.window_start:
+                raise ValueError(
+                    f"window_start_max ({self.window_start_max}) is below window_start ({self.window_start})"
+                )
+            if last_start + self.window_size > self.num_steps:
+                raise ValueError(
+                    f"a window of {self.window_size} steps starting at step {last_start} runs past "
+                    f"num_steps ({self.num_steps}); lower window_start/window_start_max"
+                )
+        elif self.window_start or self.window_start_max is not None:
+            raise ValueError("window_start/window_start_max need window_size > 0")
         return self
+
+    @property
+    def stochastic_steps(self) -> int:
+        """Steps that carry a log-prob: the window, or every step."""
+        return self.window_size or self.num_steps
 
 
 class TrainConfig(_Section):
@@ -371,7 +406,7 @@ class Config(_Section):
         return self
 
     def num_train_timesteps(self) -> int:
-        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
+        return max(1, int(self.sample.stochastic_steps * self.train.timestep_fraction))
 
 
 # ---------------------------------------------------------------------------------------------

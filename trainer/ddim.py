@@ -49,6 +49,50 @@ def step_alphas(
     return alpha_t, alpha_prev
 
 
+def _x0_and_eps(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, x: torch.Tensor, alpha_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's output -> (x0_hat, eps_hat) in fp32, by ``prediction_type`` (DDIM eq. 12 terms).
+
+    x0 is clipped/thresholded as the scheduler does; eps stays as predicted.
+    """
+    model_output = model_output.to(torch.float32)
+    alpha_t_b = _per_sample(alpha_t.to(x.device), x.ndim)
+    beta_t_b = 1 - alpha_t_b
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x - beta_t_b.sqrt() * eps) / alpha_t_b.sqrt()
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x - alpha_t_b.sqrt() * x0) / beta_t_b.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = alpha_t_b.sqrt() * x - beta_t_b.sqrt() * model_output
+        eps = alpha_t_b.sqrt() * model_output + beta_t_b.sqrt() * x
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+    return x0, eps
+
+
+def ddim_step_deterministic(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+) -> torch.Tensor:
+    """One DDIM step with eta = 0: x_t' = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps_hat (no noise).
+
+    The steps outside a training window (``sample.window_size``): no randomness, no log-prob.
+    """
+    alpha_t, alpha_prev = step_alphas(scheduler, timestep, sample.shape[0])
+    x = sample.to(torch.float32)
+    x0, eps = _x0_and_eps(scheduler, model_output, x, alpha_t)
+    alpha_prev_b = _per_sample(alpha_prev.to(x.device), x.ndim)
+    return (alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b).sqrt() * eps).to(sample.dtype)
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -80,31 +124,9 @@ def ddim_step_with_logprob(
 
     device, out_dtype = sample.device, sample.dtype
     x = sample.to(torch.float32)
-    model_output = model_output.to(torch.float32)
-    alpha_t_b = _per_sample(alpha_t.to(device), x.ndim)
+    x0, eps = _x0_and_eps(scheduler, model_output, x, alpha_t)
     alpha_prev_b = _per_sample(alpha_prev.to(device), x.ndim)
     std_b = _per_sample(std.to(device), x.ndim)
-    beta_t_b = 1 - alpha_t_b
-
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (x - beta_t_b.sqrt() * eps) / alpha_t_b.sqrt()
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (x - alpha_t_b.sqrt() * x0) / beta_t_b.sqrt()
-    elif prediction_type == "v_prediction":
-        x0 = alpha_t_b.sqrt() * x - beta_t_b.sqrt() * model_output
-        eps = alpha_t_b.sqrt() * model_output + beta_t_b.sqrt() * x
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-
-    # As the scheduler does: clip/threshold x0, keep eps as predicted.
-    if scheduler.config.thresholding:
-        x0 = scheduler._threshold_sample(x0)
-    elif scheduler.config.clip_sample:
-        limit = scheduler.config.clip_sample_range
-        x0 = x0.clamp(-limit, limit)
 
     if bool((1 - alpha_prev - std**2 < 0).any()):
         raise ValueError(

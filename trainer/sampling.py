@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from trainer.config import SampleConfig
-from trainer.ddim import ddim_step_with_logprob
+from trainer.ddim import ddim_step_deterministic, ddim_step_with_logprob
 from trainer.policy import DiffusionPolicy
 
 
@@ -20,7 +20,7 @@ class Trajectories:
     prompts: list[str]
     prompt_embeds: torch.Tensor  # (B, L, D)
     negative_embeds: torch.Tensor  # (B, L, D)
-    timesteps: torch.Tensor  # (B, S) long
+    timesteps: torch.Tensor  # (B, S) long; S = the stochastic steps (the window, or every step)
     latents: torch.Tensor  # (B, S, C, h, w): x_t before each step
     next_latents: torch.Tensor  # (B, S, C, h, w): x_t' after each step
     log_probs: torch.Tensor  # (B, S): log p(x_t' | x_t) under the sampling policy
@@ -68,8 +68,13 @@ def sample_trajectories(
     cfg: SampleConfig,
     seeds: Sequence[int],
     keep_trajectory: bool = True,
+    window_start: int | None = None,
 ) -> Trajectories:
-    """Run the full DDIM chain for ``prompts``; the noise of sample i comes from ``seeds[i]``."""
+    """Run the full DDIM chain for ``prompts``; the noise of sample i comes from ``seeds[i]``.
+
+    With ``cfg.window_size`` W > 0 only steps [window_start, window_start + W) are stochastic and
+    recorded (default start: ``cfg.window_start``); the others are deterministic DDIM.
+    """
     batch = len(prompts)
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
@@ -86,9 +91,14 @@ def sample_trajectories(
         * scheduler.init_noise_sigma
     )
 
+    start = cfg.window_start if window_start is None else window_start
+    stochastic = range(start, start + cfg.window_size) if cfg.window_size else range(len(scheduler.timesteps))
     all_latents, all_next, all_logp = [], [], []
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         eps = policy.predict_noise(latents, t, prompt_embeds, negative_embeds, cfg.guidance_scale)
+        if i not in stochastic:
+            latents = ddim_step_deterministic(scheduler, eps, t, latents)
+            continue
         next_latents, log_prob = ddim_step_with_logprob(
             scheduler, eps, t, latents, eta=cfg.eta, generator=generators
         )
@@ -99,8 +109,9 @@ def sample_trajectories(
         latents = next_latents
 
     images = policy.decode(latents).numpy()
-    steps = len(scheduler.timesteps)
-    timesteps = scheduler.timesteps.to("cpu", torch.long).unsqueeze(0).expand(batch, steps).clone()
+    steps = len(stochastic)
+    window_timesteps = scheduler.timesteps[stochastic.start : stochastic.stop]
+    timesteps = window_timesteps.to("cpu", torch.long).unsqueeze(0).expand(batch, steps).clone()
     if keep_trajectory:
         stacked_latents = torch.stack(all_latents, dim=1)
         stacked_next = torch.stack(all_next, dim=1)

@@ -51,6 +51,7 @@ from trainer.transports.errors import RewardError
 log = logging.getLogger(__name__)
 
 EVAL_STREAM = 2**31 - 1  # the fixed-seed eval grid's stream id, distinct from every epoch
+WINDOW_STREAM = 2**31 - 2  # the per-epoch draw of the training window's position
 
 
 def derive_seed(*parts: int) -> int:
@@ -296,8 +297,17 @@ class Trainer:
         mine = range(self.rank * size, (self.rank + 1) * size)
         return [self.prompts[prompt_ids[i]] for i in mine], [(base + i) % 2**63 for i in mine]
 
+    def window_start(self, epoch: int) -> int:
+        """First stochastic step of this epoch's window: fixed, or drawn from (seed, epoch) alone."""
+        s = self.cfg.sample
+        if s.window_start_max is None:
+            return s.window_start
+        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, epoch, WINDOW_STREAM))
+        return int(rng.integers(s.window_start, s.window_start_max + 1))
+
     def sample_epoch(self, epoch: int) -> tuple[Trajectories, list[Future[RewardResult]]]:
         self.policy.unet.eval()
+        window_start = self.window_start(epoch)
         batches, futures = [], []
         bar = tqdm(
             range(self.cfg.sample.num_batches_per_epoch),
@@ -307,7 +317,9 @@ class Trainer:
         )
         for b in bar:
             prompts, seeds = self.epoch_batch_plan(epoch, b)
-            traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds)
+            traj = sample_trajectories(
+                self.policy, prompts, self.cfg.sample, seeds, window_start=window_start
+            )
             futures.append(self.reward_client.submit(traj.images, prompts))
             batches.append(traj)
         return Trajectories.cat(batches), futures

@@ -132,3 +132,23 @@ def test_heldout_digits_prompts_are_checked(heldout, match):
     with pytest.raises(ConfigError, match=match):
         build_config("digits-alignment", {"prompts": {"heldout": heldout}})
     assert build_config("digits-alignment", {"prompts": {"heldout": ["a red seven on a blue background"]}})
+
+
+@pytest.mark.parametrize(
+    ("sample", "match"),
+    [
+        ({"window_size": 11}, r"sample: window_size \(11\) is larger than num_steps \(10\)"),
+        ({"window_size": 2, "window_start": 9}, r"sample: a window of 2 steps starting at step 9"),
+        ({"window_size": 2, "window_start": 3, "window_start_max": 1}, r"sample: window_start_max"),
+        ({"window_start": 2}, r"sample: window_start/window_start_max need window_size"),
+        ({"window_size": 2, "eta": 0}, r"sample\.eta"),
+    ],
+)
+def test_bad_windows_name_the_field(sample, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config("tiny", {"sample": sample})
+
+
+def test_window_sets_the_trained_steps():
+    cfg = build_config("tiny", {"sample": {"window_size": 4}, "train": {"timestep_fraction": 0.5}})
+    assert cfg.num_train_timesteps() == 2

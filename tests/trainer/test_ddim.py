@@ -137,3 +137,16 @@ def test_eta_above_one_is_refused_where_the_direction_term_is_imaginary():
     with pytest.raises(ValueError, match="too large"):
         for t in scheduler.timesteps:
             ddim_step_with_logprob(scheduler, x, t, x, eta=1.5)
+
+
+def test_deterministic_step_is_diffusers_ddim_at_eta_zero():
+    from trainer.ddim import ddim_step_deterministic
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=False)
+    scheduler.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps[[0, 4, 9]]:
+        sample, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+        ours = ddim_step_deterministic(scheduler, eps, t, sample)
+        theirs = scheduler.step(eps, t, sample, eta=0.0).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
