@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reward_server.budget import BODY_BYTES_FACTOR, Reservation
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
@@ -47,19 +48,31 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed."""
+async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> bytearray:
+    """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed.
+
+    With a ``reservation``, ``BODY_BYTES_FACTOR`` x the body is reserved against the memory budget
+    before it is read: all of it from Content-Length, or chunk by chunk for a chunked body (429 or
+    413 from the budget, and nothing more is read).
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
         raise ApiError(
             413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}"
         )
+    if reservation is not None and size is not None:
+        reservation.grow(BODY_BYTES_FACTOR * size, f"a body of {size} bytes")
     body = bytearray()
     async for chunk in request.stream():
+        if size is None and reservation is not None:
+            reservation.grow(BODY_BYTES_FACTOR * len(chunk), "the body")
         body += chunk
         if len(body) > limit:
             raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-    return bytes(body)
+        if size is not None and len(body) > size:
+            raise ApiError(400, "bad_request", "request body longer than its Content-Length")
+    return body
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -141,15 +154,19 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         started = time.perf_counter()
         label = "unknown"
         status = 500
+        reservation = service.budget.reservation()
         try:
             check_auth(request)
             if not service.ready:
                 raise service.not_ready_error()
-            body = await read_body(request, settings.max_body_bytes)
-            parsed = service.parse(body)
+            body = await read_body(request, settings.max_body_bytes, reservation)
+            parsed = await service.aparse(body)
+            # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
+            # the body while it is hashed) fits in the share of the body reserved for parsing.
+            del body
             if parsed.reward in service.batchers:
                 label = parsed.reward
-            response, replayed = await service.score(parsed)
+            response, replayed = await service.score(parsed, None, reservation)
             status = 200
             if replayed:
                 metrics.replays.labels(label).inc()
@@ -159,6 +176,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             status = err.status
             raise
         finally:
+            reservation.release()
             metrics.requests.labels(label, str(status)).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - started)
 

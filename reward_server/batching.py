@@ -4,8 +4,11 @@ Each request is queued as a job. A loop per reward waits for a free batch slot, 
 oldest job to have waited ``max_wait_ms`` or for ``max_batch_size`` images to be queued, takes up
 to ``max_batch_size`` images (splitting a large job across batches if needed), runs the scorer
 once, and hands each job its slice of the results, in order. A failing batch fails only the
-jobs that had images in it. The queue is bounded in images: beyond it ``submit`` raises
-``QueueFullError`` (the API answers 429) instead of growing memory.
+jobs that had images in it. With a ``decode`` function, jobs carry encoded images that are decoded
+(in a thread) only when their batch runs, so a request's decoded pixels live for one batch, not
+for the whole request; an image that fails to decode fails only its own job. The queue is bounded
+in images: beyond it ``submit`` raises ``QueueFullError`` (the API answers 429) instead of growing
+memory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,7 @@ class ShuttingDownError(RuntimeError):
 
 @dataclass
 class _Job:
-    images: Sequence[np.ndarray]
+    images: Sequence[Any]  # arrays, or encoded images when the batcher has a decode function
     prompts: Sequence[str]
     metadata: Sequence[dict[str, Any]]
     future: asyncio.Future[list[RewardOutput]]
@@ -71,6 +74,7 @@ class Batcher:
         max_queue_images: int = 1024,
         max_concurrent_batches: int = 1,
         cross_request: bool = True,
+        decode: Callable[[Sequence[Any], int], list[np.ndarray]] | None = None,
         metrics: ServerMetrics | None = None,
     ):
         if max_batch_size < 1 or max_queue_images < 1 or max_concurrent_batches < 1 or max_wait_ms < 0:
@@ -81,6 +85,7 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_images = max_queue_images
         self.cross_request = cross_request
+        self.decode = decode  # (images, index of the first in its request) -> arrays
         self.metrics = metrics
         self._pending: deque[_Job] = deque()
         self._queued_images = 0
@@ -113,7 +118,7 @@ class Batcher:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def submit(
-        self, images: Sequence[np.ndarray], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
+        self, images: Sequence[Any], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
     ) -> list[RewardOutput]:
         """Queue one request's images and wait for their results (same order)."""
         if self._closed:
@@ -194,9 +199,35 @@ class Batcher:
         self._set_queue_depth(self._queued_images)
         return segments
 
+    def _decode_segments(self, segments: list[_Segment]) -> list[list[np.ndarray] | BaseException]:
+        """Each segment's decoded images, or the error that fails (only) its job."""
+        assert self.decode is not None
+        out: list[list[np.ndarray] | BaseException] = []
+        for s in segments:
+            try:
+                out.append(self.decode(s.job.images[s.start : s.stop], s.start))
+            except Exception as err:
+                out.append(err)
+        return out
+
     async def _run(self, segments: list[_Segment]) -> None:
         try:
-            images = [img for s in segments for img in s.job.images[s.start : s.stop]]
+            if self.decode is None:
+                images = [img for s in segments for img in s.job.images[s.start : s.stop]]
+            else:
+                decoded = await asyncio.to_thread(self._decode_segments, segments)
+                kept, images = [], []
+                for s, result in zip(segments, decoded, strict=True):
+                    if isinstance(result, BaseException):
+                        if not s.job.future.done():
+                            s.job.future.set_exception(result)
+                        continue
+                    kept.append(s)
+                    images.extend(result)
+                segments = kept
+                del decoded
+                if not segments:
+                    return
             prompts = [p for s in segments for p in s.job.prompts[s.start : s.stop]]
             metadata = [m for s in segments for m in s.job.metadata[s.start : s.stop]]
             started = time.perf_counter()

@@ -67,4 +67,9 @@ class ServerMetrics:
         self.inflight_images = Gauge(
             "ddpo_reward_inflight_images", "Images being decoded or scored.", registry=r
         )
+        self.inflight_bytes = Gauge(
+            "ddpo_reward_inflight_bytes",
+            "Bytes reserved against max_inflight_bytes (bodies, parsed requests, decoded images).",
+            registry=r,
+        )
         self.ready = Gauge("ddpo_reward_ready", "1 once every enabled reward is loaded.", registry=r)

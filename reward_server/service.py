@@ -17,13 +17,15 @@ import numpy as np
 from pydantic import ValidationError
 
 from reward_server.batching import Batcher, ShuttingDownError
+from reward_server.budget import DECODED_BYTES_PER_PIXEL, MemoryBudget, Reservation
 from reward_server.errors import ApiError, QueueFullError
 from reward_server.idempotency import IdempotencyCache, fingerprint
 from reward_server.metrics import ServerMetrics
+from reward_server.png import PngHeader, decode_rgb_png_b64, png_header_b64
 from reward_server.rewards import Scorer, ScoringError, build_scorer
 from reward_server.settings import ServerSettings
 from reward_server.vlm.base import VLMError
-from shared.codec import ImageDecodeError, ImageTooLargeError, decode_png_b64
+from shared.codec import ImageDecodeError, ImageTooLargeError
 from shared.schemas import ScoreRequest, ScoreResponse
 
 logger = logging.getLogger(__name__)
@@ -57,16 +59,40 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def decode_images(images: Sequence[str], max_pixels: int) -> list[np.ndarray]:
+# Bodies larger than this are parsed (and fingerprinted) in a worker thread, off the event loop.
+THREAD_PARSE_BYTES = 256 * 1024
+
+
+def decode_images(images: Sequence[str], max_pixels: int, first: int = 0) -> list[np.ndarray]:
+    """Decode base64 PNGs; errors name the position in the request (``first`` = index of images[0])."""
     out = []
-    for i, data in enumerate(images):
+    for i, data in enumerate(images, start=first):
         try:
-            out.append(decode_png_b64(data, max_pixels=max_pixels))
+            out.append(decode_rgb_png_b64(data, max_pixels))
         except ImageTooLargeError as err:
             raise ApiError(413, "image_too_large", f"images[{i}]: {err}") from None
         except ImageDecodeError as err:
             raise ApiError(422, "invalid_image", f"images[{i}]: {err}") from None
     return out
+
+
+def image_headers(images: Sequence[str], max_pixels: int) -> list[PngHeader]:
+    """Every image's size from its PNG header, before any decoding: 422 if not a PNG, 413 if too big."""
+    headers = []
+    for i, data in enumerate(images):
+        try:
+            header = png_header_b64(data)
+        except ImageDecodeError as err:
+            raise ApiError(422, "invalid_image", f"images[{i}]: {err}") from None
+        if header.pixels > max_pixels:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"images[{i}]: image is {header.width}x{header.height} = {header.pixels} pixels, "
+                f"over the limit of {max_pixels}",
+            )
+        headers.append(header)
+    return headers
 
 
 class RewardService:
@@ -78,6 +104,9 @@ class RewardService:
         self.ready = False
         self.load_error: str | None = None
         self.idempotency = IdempotencyCache(settings.idempotency_cache_size, settings.idempotency_ttl_s)
+        self.budget = MemoryBudget(
+            settings.max_inflight_bytes, settings.retry_after_s, metrics.inflight_bytes
+        )
         self._inflight_requests = 0
         self._inflight_images = 0
 
@@ -111,6 +140,7 @@ class RewardService:
                 max_concurrent_batches=concurrent,
                 cross_request=self.settings.cross_request_batching,
                 metrics=self.metrics,
+                decode=self._decode_batch,
             )
             batcher.start()
             self.batchers[name] = batcher
@@ -136,14 +166,35 @@ class RewardService:
 
     # --- scoring ----------------------------------------------------------------------------
 
-    def parse(self, body: bytes) -> ScoreRequest:
+    def _decode_batch(self, images: Sequence[str], first: int) -> list[np.ndarray]:
+        return decode_images(images, self.settings.max_image_pixels, first)
+
+    def parse(self, body: bytes | bytearray) -> ScoreRequest:
         try:
             return ScoreRequest.model_validate_json(body)
         except ValidationError as err:
             raise ApiError(422, "invalid_request", validation_reason(err)) from None
 
-    async def score(self, request: ScoreRequest) -> tuple[ScoreResponse, bool]:
-        """Score one request; returns (response, replayed_from_idempotency_cache)."""
+    async def aparse(self, body: bytes | bytearray) -> ScoreRequest:
+        """Parse a body; a large one in a thread so the event loop keeps answering."""
+        if len(body) > THREAD_PARSE_BYTES:
+            return await asyncio.to_thread(self.parse, body)
+        return self.parse(body)
+
+    async def score(
+        self,
+        request: ScoreRequest,
+        fp: str | None = None,
+        reservation: Reservation | None = None,
+    ) -> tuple[ScoreResponse, bool]:
+        """Score one request; returns (response, replayed_from_idempotency_cache).
+
+        ``fp``: its fingerprint if already computed; ``reservation``: the memory it already holds
+        (its body), grown here by its decoded images; without one the request gets its own.
+        """
+        if reservation is None:
+            with self.budget.reservation() as own:
+                return await self.score(request, fp, own)
         if not self.ready:
             raise self.not_ready_error()
         if request.reward not in self.batchers:
@@ -161,7 +212,8 @@ class RewardService:
                 request_id=request.request_id,
             )
 
-        fp = fingerprint(request)
+        if fp is None:
+            fp = await asyncio.to_thread(fingerprint, request)  # hashes every byte: off the event loop
         entry = self.idempotency.get(request.request_id)
         if entry is not None:
             if entry.fingerprint != fp:
@@ -182,7 +234,7 @@ class RewardService:
 
         entry = self.idempotency.begin(request.request_id, fp)
         try:
-            response = await self._score_new(request)
+            response = await self._score_new(request, reservation)
         except BaseException as err:
             if entry is not None:
                 self.idempotency.fail(request.request_id, entry, err)
@@ -191,7 +243,7 @@ class RewardService:
             self.idempotency.finish(request.request_id, entry, response)
         return response, False
 
-    async def _score_new(self, request: ScoreRequest) -> ScoreResponse:
+    async def _score_new(self, request: ScoreRequest, reservation: Reservation) -> ScoreResponse:
         n = len(request.images)
         s = self.settings
         if (
@@ -211,7 +263,7 @@ class RewardService:
         self.metrics.inflight_requests.set(self._inflight_requests)
         self.metrics.inflight_images.set(self._inflight_images)
         try:
-            return await self._decode_and_score(request)
+            return await self._decode_and_score(request, reservation)
         except ApiError as err:
             err.request_id = request.request_id
             raise
@@ -221,22 +273,29 @@ class RewardService:
             self.metrics.inflight_requests.set(self._inflight_requests)
             self.metrics.inflight_images.set(self._inflight_images)
 
-    async def _decode_and_score(self, request: ScoreRequest) -> ScoreResponse:
+    async def _decode_and_score(self, request: ScoreRequest, reservation: Reservation) -> ScoreResponse:
         reward = request.reward
         metadata = request.metadata if request.metadata is not None else [{} for _ in request.images]
         try:
             self.scorers[reward].check_inputs(request.prompts, metadata)
         except ValueError as err:
             raise ApiError(422, "invalid_metadata", str(err)[:MAX_REASON_CHARS]) from None
-        images = await asyncio.to_thread(decode_images, request.images, self.settings.max_image_pixels)
+        headers = image_headers(request.images, self.settings.max_image_pixels)
+        pixels = sum(h.pixels for h in headers)
+        reservation.grow(
+            DECODED_BYTES_PER_PIXEL * pixels, f"decoding {len(headers)} images of {pixels} pixels"
+        )
         try:
-            outputs = await self.batchers[reward].submit(images, request.prompts, metadata)
+            # Decoded one scorer batch at a time, in the batcher (errors name the image's position).
+            outputs = await self.batchers[reward].submit(request.images, request.prompts, metadata)
         except QueueFullError as err:
             raise ApiError(
                 429, "queue_full", str(err), {"Retry-After": str(self.settings.retry_after_s)}
             ) from None
         except ShuttingDownError as err:
             raise ApiError(503, "shutting_down", str(err)) from None
+        except ApiError:
+            raise
         except VLMError as err:
             raise ApiError(502, "vlm_error", f"reward {reward!r}: {err}"[:MAX_REASON_CHARS]) from None
         except ScoringError as err:

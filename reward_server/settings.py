@@ -75,7 +75,17 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = Field(
         default=2048 * 2048,
         ge=1,
-        description="Most pixels (width*height) per image, checked before decoding (413).",
+        le=89_478_485,
+        description="Most pixels (width*height) per image, checked from the PNG header before decoding "
+        "(413); at most 89478485 (PIL's decompression-bomb limit).",
+    )
+    max_inflight_bytes: int = Field(
+        default=1024**3,
+        ge=1024 * 1024,
+        description="Memory budget in bytes for requests in flight: 2 x each body (reserved from "
+        "Content-Length before reading it) + 8 bytes per pixel of its images (from the PNG headers, "
+        "before decoding); retries waiting on an in-flight request_id count. Beyond it: 429 + "
+        "Retry-After; a request that alone exceeds it: 413.",
     )
     max_inflight_requests: int = Field(
         default=64, ge=1, description="Requests being decoded/scored at once; beyond it: 429 + Retry-After."
