@@ -46,6 +46,7 @@ from shared.redis_streams import (
     STORE_RESULT_LUA,
     connect,
     dead_letter_key,
+    reply_stream_key,
     result_key,
     safe_url,
 )
@@ -56,6 +57,10 @@ logger = logging.getLogger("ddpo-reward-worker")
 # Scoring errors worth another try in this worker: overloaded, VLM failed, not ready, scorer crashed.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_DEAD_LETTER_PAYLOAD = 1_000_000  # bytes of the original job kept in the dead-letter entry
+
+
+class ReplyToError(ValueError):
+    """A job's reply_to names a key that is not a reply stream: nothing is written there."""
 
 
 class WorkerSettings(BaseSettings):
@@ -75,7 +80,10 @@ class WorkerSettings(BaseSettings):
     )
     stream: str = Field(default="ddpo:rewards:jobs", description="Job stream to consume.")
     group: str = Field(default="reward-workers", description="Consumer group shared by the workers.")
-    prefix: str = Field(default="ddpo:rewards", description="Key prefix of result keys.")
+    prefix: str = Field(
+        default="ddpo:rewards",
+        description="Key prefix of result keys; a job's reply_to must be <prefix>:replies:<id>.",
+    )
     consumer: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="This worker's consumer name (unique per live worker).",
@@ -261,6 +269,10 @@ class RewardWorker:
             await self.poison(message_id, raw, rid, reply_to, "invalid_job", reason, deliveries)
             return
         rid = job.request.request_id
+        problem = self.reply_to_problem(job.reply_to)
+        if problem is not None:  # never write where the job says unless it is a trainer's reply stream
+            await self.poison(message_id, raw, rid, None, "invalid_reply_to", problem, deliveries)
+            return
         if deliveries > self.settings.max_deliveries:
             reason = (
                 f"delivered {deliveries} times without an answer (it may crash workers); "
@@ -274,7 +286,11 @@ class RewardWorker:
             return
         response, error = await self.score(job)
         if response is not None:
-            await self.publish(job.reply_to, RedisResult(request_id=rid, ok=True, response=response))
+            try:
+                await self.publish(job.reply_to, RedisResult(request_id=rid, ok=True, response=response))
+            except ReplyToError as err:
+                await self.poison(message_id, raw, rid, None, "invalid_reply_to", str(err), deliveries)
+                return
             await self.ack(message_id)
             return
         assert error is not None
@@ -302,6 +318,16 @@ class RewardWorker:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    def reply_to_problem(self, reply_to: str) -> str | None:
+        """Why ``reply_to`` is not a reply stream of this deployment (None if it is one)."""
+        s = self.settings
+        expected = reply_stream_key(s.prefix, "")
+        if not reply_to.startswith(expected) or len(reply_to) == len(expected):
+            return f"reply_to {reply_to[:200]!r} is not a reply stream (it must start with {expected!r})"
+        if reply_to in (s.stream, self.dead_letter) or reply_to.startswith(f"{s.prefix}:result:"):
+            return f"reply_to {reply_to[:200]!r} is one of the transport's own keys"
+        return None
+
     async def publish(self, reply_to: str, result: RedisResult) -> bool:
         """Store the result once (SET NX) and notify the trainer, atomically; False if it already existed."""
         s = self.settings
@@ -310,6 +336,8 @@ class RewardWorker:
             keys=[result_key(s.prefix, result.request_id), reply_to],
             args=[result.model_dump_json(), s.result_ttl_s, s.reply_maxlen],
         )
+        if stored == -1:
+            raise ReplyToError(f"reply_to {reply_to[:200]!r} exists and is not a stream; nothing written")
         if stored:
             self.scored += 1
         else:
@@ -348,9 +376,10 @@ class RewardWorker:
             maxlen=s.dead_letter_maxlen,
             approximate=True,
         )
-        if request_id and reply_to:
+        if request_id and reply_to and self.reply_to_problem(reply_to) is None:
             body = ErrorResponse(error=error, reason=reason, request_id=request_id)
-            await self.publish(reply_to, RedisResult(request_id=request_id, ok=False, error=body))
+            with contextlib.suppress(ReplyToError):
+                await self.publish(reply_to, RedisResult(request_id=request_id, ok=False, error=body))
         await self.ack(message_id)
 
     async def ack(self, message_id: bytes) -> None:

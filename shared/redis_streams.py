@@ -21,7 +21,12 @@ RESULT_FIELD = b"result"
 # Store a result once and notify the trainer in the same atomic step: a second worker that scored
 # the same job (redelivery after a crash or an idle-timeout reclaim) finds the key and sends nothing.
 # KEYS: result key, reply stream. ARGV: result JSON, ttl seconds, reply stream max length.
+# Returns 1 (stored and sent), 0 (already stored), -1 (the reply key exists and is not a stream).
 STORE_RESULT_LUA = """
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return -1
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])

@@ -167,3 +167,28 @@ def test_redis_auth(redis_server_with_auth: RedisServer, tmp_path, monkeypatch):
             client.close()
     finally:
         workers.stop_all()
+
+
+def test_reply_to_outside_the_reply_streams_is_refused(reward_workers: Workers, redis_server: RedisServer):
+    reward_workers.start("w1")
+    r = redis_server.client()
+    r.set("ddpo:rewards:replies:a-string", "precious")
+
+    def job(rid: str, reply_to: str) -> dict:
+        request = build_request(rid, "jpeg_compressibility", batch(1), PROMPTS, None)
+        return {
+            "job": RedisJob(request=request, reply_to=reply_to, submitted_at=time.time()).model_dump_json()
+        }
+
+    r.xadd("ddpo:rewards:jobs", job("to-queue", "ddpo:rewards:jobs"))  # the job stream itself
+    r.xadd("ddpo:rewards:jobs", job("to-string", "ddpo:rewards:replies:a-string"))  # not a stream
+    r.xadd("ddpo:rewards:jobs", job("elsewhere", "other:key"))  # outside the prefix
+    wait_for(lambda: r.xlen("ddpo:rewards:jobs:dead") == 3, 30, "three dead letters")
+    dead = {f[b"request_id"]: f for _, f in r.xrange("ddpo:rewards:jobs:dead")}
+    assert {f[b"error"] for f in dead.values()} == {b"invalid_reply_to"}
+    assert b"not a stream" in dead[b"to-string"][b"reason"]
+    assert r.ttl("ddpo:rewards:jobs") == -1  # no TTL was set on the queue
+    assert r.get("ddpo:rewards:replies:a-string") == b"precious"
+    assert not r.exists("other:key")
+    assert not r.exists(result_key("ddpo:rewards", "to-queue"))
+    wait_for(lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0, 10, "acks")
