@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class RewardWorker:
         self.service = RewardService(server_settings, ServerMetrics())
         self.dead_letter = dead_letter_key(settings.stream)
         self.running: dict[bytes, asyncio.Task[None]] = {}
+        # Jobs taken over from dead workers, waiting for a slot (they go before new jobs).
+        self.reclaimed: OrderedDict[bytes, tuple[dict[bytes, bytes], int]] = OrderedDict()
+        self._reclaimed = asyncio.Event()
         self.scored = 0  # jobs whose result this worker stored
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -178,36 +182,53 @@ class RewardWorker:
 
     # -- the loop ----------------------------------------------------------------------------
     async def consume(self, stop: asyncio.Event) -> None:
+        """Start reclaimed jobs first, then read new ones; reclaiming runs on its own timer."""
         s = self.settings
         claim_every = max(0.05, s.claim_idle_s / 4)
-        next_claim = 0.0
+        reclaimer = asyncio.create_task(self.reclaim_loop(stop, claim_every), name="reclaim")
+        try:
+            while not stop.is_set():
+                try:
+                    self.start_reclaimed()
+                    free = s.concurrency - len(self.running)
+                    if free <= 0:
+                        waiting = [*self.running.values(), asyncio.ensure_future(self._reclaimed.wait())]
+                        await asyncio.wait(waiting, timeout=claim_every, return_when=asyncio.FIRST_COMPLETED)
+                        waiting[-1].cancel()
+                        continue
+                    block_ms = int(min(0.5, claim_every) * 1000)
+                    entries = await self.redis.xreadgroup(
+                        s.group, s.consumer, {s.stream: ">"}, count=free, block=block_ms
+                    )
+                    for _stream, messages in entries or []:
+                        for message_id, fields in messages:
+                            self.start(message_id, fields, deliveries=1)
+                except ResponseError as err:
+                    if "NOGROUP" not in str(err):
+                        raise
+                    logger.warning(
+                        "consumer group vanished (Redis restarted without persistence?); recreating"
+                    )
+                    await self.ensure_group()
+                except (RedisConnectionError, RedisTimeoutError) as err:
+                    logger.warning("Redis unreachable (%s); retrying in 0.5 s", err)
+                    await asyncio.sleep(0.5)
+        finally:
+            reclaimer.cancel()
+            await asyncio.gather(reclaimer, return_exceptions=True)
+
+    async def reclaim_loop(self, stop: asyncio.Event, every: float) -> None:
+        """Every ``claim_idle_s / 4``: refresh this worker's jobs, take over dead workers' idle ones."""
         while not stop.is_set():
             try:
-                if time.monotonic() >= next_claim:
-                    await self.refresh_running()
-                    await self.reclaim()
-                    next_claim = time.monotonic() + claim_every
-                free = s.concurrency - len(self.running)
-                if free <= 0:
-                    await asyncio.wait(
-                        self.running.values(), timeout=claim_every, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    continue
-                block_ms = int(min(1.0, claim_every) * 1000)
-                entries = await self.redis.xreadgroup(
-                    s.group, s.consumer, {s.stream: ">"}, count=free, block=block_ms
-                )
-                for _stream, messages in entries or []:
-                    for message_id, fields in messages:
-                        self.start(message_id, fields, deliveries=1)
+                await self.refresh_running()
+                await self.reclaim()
             except ResponseError as err:
                 if "NOGROUP" not in str(err):
-                    raise
-                logger.warning("consumer group vanished (Redis restarted without persistence?); recreating")
-                await self.ensure_group()
+                    logger.warning("reclaiming failed: %s", err)
             except (RedisConnectionError, RedisTimeoutError) as err:
-                logger.warning("Redis unreachable (%s); retrying in 1 s", err)
-                await asyncio.sleep(1.0)
+                logger.warning("reclaiming failed, Redis unreachable (%s)", err)
+            await asyncio.sleep(every)
 
     def start(self, message_id: bytes, fields: dict[bytes, bytes] | None, deliveries: int) -> None:
         if message_id in self.running:
@@ -216,24 +237,37 @@ class RewardWorker:
         self.running[message_id] = task
         task.add_done_callback(lambda _t: self.running.pop(message_id, None))
 
+    def start_reclaimed(self) -> None:
+        """Reclaimed jobs go before new ones: they are the oldest and closest to their deadline."""
+        while self.reclaimed and len(self.running) < self.settings.concurrency:
+            message_id, (fields, deliveries) = self.reclaimed.popitem(last=False)
+            self.start(message_id, fields, deliveries)
+        if not self.reclaimed:
+            self._reclaimed.clear()
+
     async def refresh_running(self) -> None:
-        """Reset the idle time of the jobs this worker is scoring, so no one reclaims them."""
-        if self.running:
+        """Reset the idle time of the jobs this worker holds (running or reclaimed), so no one steals them."""
+        ids = [*self.running, *self.reclaimed]
+        if ids:
             s = self.settings
-            await self.redis.xclaim(s.stream, s.group, s.consumer, 0, list(self.running), justid=True)
+            await self.redis.xclaim(s.stream, s.group, s.consumer, 0, ids, justid=True)
 
     async def reclaim(self) -> None:
-        """Take over jobs left pending by dead workers (idle longer than ``claim_idle_s``)."""
+        """Take over jobs left pending by dead workers (idle longer than ``claim_idle_s``).
+
+        Claims up to ``concurrency`` jobs beyond what this worker already holds, even when all its
+        slots are busy: they are started before any new job is read.
+        """
         s = self.settings
         start: bytes | str = "0-0"
-        while s.concurrency - len(self.running) > 0:
+        while (room := s.concurrency - len(self.reclaimed)) > 0:
             reply = await self.redis.xautoclaim(
                 s.stream,
                 s.group,
                 s.consumer,
                 min_idle_time=int(s.claim_idle_s * 1000),
                 start_id=start,
-                count=s.concurrency - len(self.running),
+                count=room,
             )
             start, messages = reply[0], reply[1]
             deleted = reply[2] if len(reply) > 2 else []
@@ -243,10 +277,13 @@ class RewardWorker:
                 if fields is None:
                     await self.redis.xack(s.stream, s.group, message_id)
                     continue
+                if message_id in self.running:
+                    continue
                 info = await self.redis.xpending_range(s.stream, s.group, message_id, message_id, 1)
                 deliveries = info[0]["times_delivered"] if info else 1
                 logger.info("reclaimed job %s (delivery %d)", _text(message_id), deliveries)
-                self.start(message_id, fields, deliveries)
+                self.reclaimed[message_id] = (fields, deliveries)
+                self._reclaimed.set()
             if start in (b"0-0", "0-0"):
                 break
 

@@ -192,3 +192,35 @@ def test_reply_to_outside_the_reply_streams_is_refused(reward_workers: Workers, 
     assert not r.exists("other:key")
     assert not r.exists(result_key("ddpo:rewards", "to-queue"))
     wait_for(lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0, 10, "acks")
+
+
+@pytest.mark.slow
+def test_orphaned_jobs_are_reclaimed_promptly_under_continuous_load(
+    reward_workers: Workers, redis_server: RedisServer
+):
+    claim_idle = 1.0
+    r = redis_server.client()
+    reward_workers.start("w1", "--concurrency", "2", "--claim-idle-s", str(claim_idle), delay_s=5.0)
+    with RedisRewardClient("test_slow_jpeg", redis_server.url, deadline_s=120) as client:
+        futures = {f"first-{i}": client.submit(batch(i), PROMPTS, request_id=f"first-{i}") for i in range(2)}
+        wait_for(lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 2, 30, "w1 busy")
+        reward_workers.start("w2", "--concurrency", "2", "--claim-idle-s", str(claim_idle), delay_s=0.2)
+        for i in range(20):  # more than w2 can score: the queue never empties while the orphans wait
+            futures[f"load-{i}"] = client.submit(batch(100 + i), PROMPTS, request_id=f"load-{i}")
+        time.sleep(0.5)
+        reward_workers.kill("w1")
+        killed = time.monotonic()
+        for i in range(20, 40):
+            futures[f"load-{i}"] = client.submit(batch(100 + i), PROMPTS, request_id=f"load-{i}")
+            time.sleep(0.05)
+        done_at = {}
+        for rid in ["first-0", "first-1"]:
+            futures[rid].result(timeout=60)
+            done_at[rid] = time.monotonic() - killed
+        assert r.xlen("ddpo:rewards:jobs") > 0  # new jobs were still queued when the orphans finished
+        results = {rid: f.result(timeout=60) for rid, f in futures.items()}  # 0 lost
+        assert len(results) == 42
+        assert r.xlen(client.reply_stream) == 42  # 0 duplicated: one result per request
+    print(f"\norphans answered {done_at} s after SIGKILL (claim_idle {claim_idle} s, scoring 0.2 s)")
+    # Claimable claim_idle after w1's last refresh (<= claim_idle / 4 before the kill), then scored.
+    assert max(done_at.values()) < claim_idle + 1.0
