@@ -224,3 +224,21 @@ def test_orphaned_jobs_are_reclaimed_promptly_under_continuous_load(
     print(f"\norphans answered {done_at} s after SIGKILL (claim_idle {claim_idle} s, scoring 0.2 s)")
     # Claimable claim_idle after w1's last refresh (<= claim_idle / 4 before the kill), then scored.
     assert max(done_at.values()) < claim_idle + 1.0
+
+
+def test_close_is_prompt_and_clean(redis_server: RedisServer, capfd):
+    r = redis_server.client()
+    for _ in range(8):  # right after construction: the reply reader is inside its blocking XREAD
+        client = RedisRewardClient("jpeg_compressibility", redis_server.url)
+        started = time.monotonic()
+        client.close()
+        assert time.monotonic() - started < 1.5
+        assert not client._loop._thread.is_alive()
+        assert not r.exists(client.reply_stream)
+    client = RedisRewardClient("jpeg_compressibility", redis_server.url)
+    redis_server.process.kill()  # Redis gone: close still returns, bounded, without raising
+    redis_server.process.wait()
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 10
+    assert "Task was destroyed but it is pending" not in capfd.readouterr().err

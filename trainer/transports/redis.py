@@ -31,6 +31,8 @@ from trainer.transports.errors import RewardDeadlineError, RewardError, RewardRe
 
 log = logging.getLogger(__name__)
 
+READ_BLOCK_S = 0.25  # the reply reader's XREAD block: how long close() may wait for it to return
+
 
 class RedisRewardClient(LoopRewardClient):
     """Scores batches with ``reward`` through the workers reading ``stream``."""
@@ -62,23 +64,37 @@ class RedisRewardClient(LoopRewardClient):
             self._loop.stop()
             raise
         self._enqueue_job = self._redis.register_script(ENQUEUE_JOB_LUA)
+        self._stopping = False
         self._reader = self._loop.submit(self._read_replies())
         self._closed = False
 
     # -- public ----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop within about a second, never raising: the reader leaves its blocking XREAD by itself
+        (cancelling a blocked redis-py read could hang), then the reply stream is deleted (bounded)."""
         if self._closed:
             return
         self._closed = True
+        self._stopping = True
+        try:
+            self._reader.result(timeout=READ_BLOCK_S + 2.0)
+        except Exception as err:  # the reader failed or is stuck: it is cancelled with the loop below
+            log.warning("reply reader did not stop cleanly: %r", err)
 
         async def cleanup() -> None:
             try:
-                await self._redis.delete(self.reply_stream)
-            except RedisError:
+                await asyncio.wait_for(self._redis.delete(self.reply_stream), 2.0)
+            except (RedisError, TimeoutError, OSError):
                 pass  # it expires anyway
-            await self._redis.aclose()
+            try:
+                await asyncio.wait_for(self._redis.aclose(), 2.0)
+            except (RedisError, TimeoutError, OSError):
+                pass
 
-        self._loop.stop(cleanup())
+        try:
+            self._loop.stop(cleanup(), timeout=6.0)
+        except Exception as err:  # closing must not fail a training run that is ending anyway
+            log.warning("closing the Redis reward client: %r", err)
 
     # -- internals -------------------------------------------------------------------------------
     async def _score(
@@ -133,9 +149,11 @@ class RedisRewardClient(LoopRewardClient):
     async def _read_replies(self) -> None:
         """Resolve waiting futures from this client's reply stream (results for unknown ids are ignored)."""
         last_id: bytes | str = "0-0"
-        while True:
+        while not self._stopping:
             try:
-                entries = await self._redis.xread({self.reply_stream: last_id}, count=100, block=1000)
+                entries = await self._redis.xread(
+                    {self.reply_stream: last_id}, count=100, block=int(READ_BLOCK_S * 1000)
+                )
             except (RedisConnectionError, RedisTimeoutError) as err:
                 log.warning("reading replies from Redis failed (%s); retrying", err)
                 await asyncio.sleep(0.5)
