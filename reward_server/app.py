@@ -34,14 +34,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Unknown reward (the reason lists the valid names).",
         401: "Missing or wrong bearer token.",
         409: "request_id reused for a different request.",
-        413: "Body, image count or image pixels over the limits.",
+        413: "Body, image count or image pixels over the limits, or over the whole memory budget.",
+        415: "Content-Type is not application/json.",
         422: "Malformed request or image.",
-        429: "Overloaded; retry after Retry-After seconds.",
+        429: "Overloaded (in-flight limits or memory budget); retry after Retry-After seconds.",
         500: "A scorer failed (reason given).",
         502: "The VLM judge failed (reason given).",
         503: "Not ready (models loading, load failed, or shutting down).",
     }.items()
 }
+
+
+# Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
+CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -159,6 +164,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             check_auth(request)
             if not service.ready:
                 raise service.not_ready_error()
+            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media_type in CORS_SIMPLE_TYPES:
+                # A web page can make a browser POST these cross-site without a preflight (CSRF).
+                raise ApiError(
+                    415, "unsupported_media_type", "POST /score needs Content-Type: application/json"
+                )
             body = await read_body(request, settings.max_body_bytes, reservation)
             parsed = await service.aparse(body)
             # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
@@ -186,18 +197,25 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         check_auth(request)
         return RewardList(rewards=service.reward_names)
 
+    def authorized(request: Request) -> bool:
+        try:
+            check_auth(request)
+        except ApiError:
+            return False
+        return True
+
     @app.get("/healthz", responses={503: ERROR_RESPONSES[503]})
-    async def healthz() -> dict[str, str]:
-        """Alive (the process answers). 503 only if loading the models failed."""
+    async def healthz(request: Request) -> dict[str, str]:
+        """Alive (the process answers). 503 only if loading the models failed (details with the key)."""
         if service.load_error is not None:
-            raise service.not_ready_error()
+            raise service.not_ready_error(detailed=authorized(request))
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: ERROR_RESPONSES[503]})
-    async def readyz() -> dict[str, Any]:
+    async def readyz(request: Request) -> dict[str, Any]:
         """Ready to score: every enabled reward is loaded. 503 (with Retry-After) until then."""
         if not service.ready:
-            raise service.not_ready_error()
+            raise service.not_ready_error(detailed=authorized(request))
         return {"status": "ready", "rewards": service.reward_names}
 
     @app.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]})

@@ -158,10 +158,16 @@ class RewardService:
             except Exception:  # shutting down: log, keep closing the others
                 logger.exception("closing reward %s failed", scorer.name)
 
-    def not_ready_error(self) -> ApiError:
+    def not_ready_error(self, detailed: bool = True) -> ApiError:
+        """503; ``detailed=False`` (unauthenticated probes) leaves out the error text (it may hold paths)."""
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         if self.load_error is not None:
-            return ApiError(503, "load_failed", self.load_error, retry)
+            reason = (
+                self.load_error
+                if detailed
+                else "loading the rewards failed (details: server log, or with the API key)"
+            )
+            return ApiError(503, "load_failed", reason, retry)
         return ApiError(503, "not_ready", "the reward server is still loading its models", retry)
 
     # --- scoring ----------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class RewardService:
             raise ApiError(
                 400,
                 "unknown_reward",
-                f"unknown reward {request.reward!r}; this server offers: {', '.join(self.reward_names)}",
+                f"unknown reward {request.reward[:64]!r}; this server offers: {', '.join(self.reward_names)}",
                 request_id=request.request_id,
             )
         if len(request.images) > self.settings.max_images_per_request:

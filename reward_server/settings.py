@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_API_KEY_LENGTH = 8
 CHEAP_REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]
 
 
@@ -233,6 +234,15 @@ class ServerSettings(BaseSettings):
     def _non_empty_key(cls, key: str | None) -> str | None:
         if key is not None and not key.strip():
             raise ValueError("an API key must not be empty (leave it unset instead)")
+        return key
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough_key(cls, key: str | None) -> str | None:
+        if key is not None and len(key.strip()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"api_key must have at least {MIN_API_KEY_LENGTH} characters (e.g. `openssl rand -hex 16`)"
+            )
         return key
 
     @model_validator(mode="after")

@@ -109,7 +109,19 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"run.resume: no checkpoint found at {path}")
 
 
+def _numpy_rng_globals() -> list[Any]:
+    """What the pickled ``np.random.get_state()`` needs (a uint32 ndarray), and nothing else."""
+    return [
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+        (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+    ]
+
+
 def load_training_state(checkpoint: Path) -> TrainingState:
-    # weights_only=False: the file holds RNG states and optimizer dicts we wrote ourselves.
-    data = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=False)
+    # weights_only=True: a run folder from elsewhere must not run code on resume; the only
+    # non-tensor classes allowed are the ones the numpy RNG state is pickled with.
+    with torch.serialization.safe_globals(_numpy_rng_globals()):
+        data = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
     return TrainingState(**data)

@@ -324,6 +324,29 @@ def test_scorer_failures(server, prompt, status, error, text):
     assert text in parsed.reason
 
 
+def test_unknown_reward_reason_does_not_echo_the_input(server):
+    error = expect_error(httpx.post(server + "/score", json=body("x" * 100_000)), 400, "unknown_reward")
+    assert len(error.reason) < 300
+
+
+def test_only_json_posts_are_accepted(server):
+    # text/plain and form posts need no CORS preflight: a web page could make a browser send them.
+    payload = json.dumps(body())
+    for kind in [
+        "text/plain",
+        "Text/Plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ]:
+        headers = {"content-type": kind}
+        response = httpx.post(server + "/score", content=payload, headers=headers, timeout=TIMEOUT)
+        expect_error(response, 415, "unsupported_media_type")
+    response = httpx.post(
+        server + "/score", content=payload, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert response.status_code == 200, response.text
+
+
 def test_other_routes_answer_with_the_error_schema(server):
     expect_error(httpx.get(server + "/nope"), 404, "not_found")
     expect_error(httpx.get(server + "/score"), 405, "method_not_allowed")
@@ -396,20 +419,32 @@ def test_metrics_exposition(server):
 # --- 401 -----------------------------------------------------------------------------------------
 
 
+def test_unauthenticated_probes_show_no_paths(start_reward_server):
+    base = start_reward_server({"rewards": ["_test_broken_load"], "api_key": "s3cret-key"}, wait_ready=False)
+    deadline = time.monotonic() + 10
+    while httpx.get(base + "/healthz").status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for path in ["/healthz", "/readyz"]:
+        assert "/nowhere" not in expect_error(httpx.get(base + path), 503, "load_failed").reason
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert "/nowhere" in expect_error(httpx.get(base + path, headers=good), 503, "load_failed").reason
+
+
 def test_bearer_token(start_reward_server):
-    base = start_reward_server({"api_key": "s3cret"})
+    base = start_reward_server({"api_key": "s3cret-key"})
     expect_error(httpx.post(base + "/score", json=body()), 401, "unauthorized")
     response = httpx.post(base + "/score", json=body(), headers={"Authorization": "Bearer wrong"})
     expect_error(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == "Bearer"
     expect_error(
-        httpx.post(base + "/score", json=body(), headers={"Authorization": "s3cret"}), 401, "unauthorized"
+        httpx.post(base + "/score", json=body(), headers={"Authorization": "s3cret-key"}), 401, "unauthorized"
     )
     expect_error(httpx.get(base + "/rewards"), 401, "unauthorized")
     expect_error(httpx.get(base + "/metrics"), 401, "unauthorized")
     # Unauthenticated callers cannot make the server read a big body: 401 comes first.
     expect_error(httpx.post(base + "/score", content=b"x" * 200_000_000), 401, "unauthorized")
-    good = {"Authorization": "Bearer s3cret"}
+    good = {"Authorization": "Bearer s3cret-key"}
     assert httpx.post(base + "/score", json=body(), headers=good, timeout=TIMEOUT).status_code == 200
     assert httpx.get(base + "/rewards", headers=good).status_code == 200
     assert httpx.get(base + "/metrics", headers=good).status_code == 200
@@ -514,6 +549,6 @@ def test_failed_load_is_reported(start_reward_server):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     error = expect_error(httpx.get(base + "/readyz"), 503, "load_failed")
-    assert "no weights at /nowhere" in error.reason
+    assert "no weights at /nowhere" in error.reason  # no API key configured: details for everyone
     expect_error(httpx.get(base + "/healthz"), 503, "load_failed")
     expect_error(httpx.post(base + "/score", json=body("_test_broken_load")), 503, "load_failed")

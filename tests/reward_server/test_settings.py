@@ -32,7 +32,7 @@ def test_remote_host_needs_a_key_or_explicit_consent(host):
     assert not is_loopback_host(host)
     with pytest.raises(ValidationError, match="refusing to bind non-loopback host"):
         ServerSettings(host=host)
-    ServerSettings(host=host, api_key="k")
+    ServerSettings(host=host, api_key="k" * 16)
     ServerSettings(host=host, allow_insecure_remote=True)
 
 
@@ -48,6 +48,7 @@ def test_remote_host_needs_a_key_or_explicit_consent(host):
         ("bertscore_reference_template", "{prompt} {other}", "other"),
         ("vlm_backend", "ollama", "openai"),
         ("api_key", " ", "must not be empty"),
+        ("api_key", "x", "at least 8 characters"),
         ("max_wait_ms", -1, "greater than or equal"),
         ("batching", {"aesthetic": {"max_batch_size": 4}}, "not enabled"),
         ("batching", {"jpeg_compressibility": {"max_batch_size": 0}}, "greater than or equal"),
@@ -61,7 +62,7 @@ def test_bad_values_fail_fast(field, value, message):
 
 
 def test_api_key_is_not_in_the_repr():
-    assert "s3cret" not in repr(ServerSettings(api_key="s3cret", vlm_api_key="s3cret"))
+    assert "s3cret" not in repr(ServerSettings(api_key="s3cret-key", vlm_api_key="s3cret"))
 
 
 def test_batching_overrides():

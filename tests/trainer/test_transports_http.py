@@ -91,14 +91,14 @@ def test_4xx_is_not_retried_and_carries_the_reason(start_reward_server):
 
 
 def test_bearer_token_from_the_environment(start_reward_server, monkeypatch):
-    url = start_reward_server({"api_key": "t0ken"})
+    url = start_reward_server({"api_key": "t0ken-t0ken"})
     cfg = build_config("tiny", {"reward": {"transport": "http", "urls": [url], "max_attempts": 2}}).reward
     monkeypatch.delenv("DDPO_REWARD_API_KEY", raising=False)
     with make_reward_client(cfg) as client:
         with pytest.raises(RewardRejectedError, match="HTTP 401") as info:
             client.submit(batch(0), PROMPTS).result(timeout=30)
         assert info.value.status == 401
-    monkeypatch.setenv("DDPO_REWARD_API_KEY", "t0ken")
+    monkeypatch.setenv("DDPO_REWARD_API_KEY", "t0ken-t0ken")
     assert "t0ken" not in cfg.model_dump_json()
     with make_reward_client(cfg) as client:
         np.testing.assert_array_equal(
