@@ -1,5 +1,6 @@
 """The training loop on the tiny model: on-policy ratio, what changes, exact resume, LoRA export."""
 
+import copy
 import json
 from concurrent.futures import Future
 
@@ -10,6 +11,7 @@ import torch
 from trainer.checkpoint import find_checkpoint
 from trainer.config import ConfigError
 from trainer.reward_client import LocalRewardClient
+from trainer.stat_tracking import PerPromptStatTracker
 from trainer.train import Trainer, derive_seed
 from trainer.transports.errors import RewardUnavailableError
 
@@ -53,20 +55,34 @@ def test_training_changes_only_lora_parameters(make_tiny_config, algorithm):
     }
     metrics = trainer.run()[0]
     assert np.isfinite(metrics["loss"]) and metrics["optimizer_steps"] >= 1
+    assert metrics["grad_norm"] > 0, metrics
 
     changed_lora, changed_base = [], []
     for key, value in policy.unet.state_dict().items():
         if not torch.equal(value, before["unet"][key]):
             (changed_lora if "lora_" in key else changed_base).append(key)
     assert changed_base == []
-    assert len(changed_lora) > 0
+    # Every LoRA B matrix left zero: AdamW's weight decay alone moves lora_A, never lora_B (0 at init).
+    lora_b = [k for k in before["unet"] if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(before["unet"][k]) == 0 for k in lora_b)
+    assert sorted(set(lora_b) - set(changed_lora)) == []
     for name, module in [("vae", policy.vae), ("text", policy.text_encoder)]:
         assert all(torch.equal(v, before[name][k]) for k, v in module.state_dict().items())
     assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
 
 
 def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
-    common = {"train": {"clip_range": 0.05}, "sample": {"num_batches_per_epoch": 2}}
+    # Two prompts, 8 samples per epoch, min_count 6: from epoch 1 on, each prompt's advantages come
+    # from its own reward buffer, so the resumed epochs depend on the restored stat tracker (a fresh
+    # one would fall back to batch statistics), as well as on the weights, optimizer and RNG.
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a cat\na dog\n")
+    common = {
+        "train": {"clip_range": 0.05},
+        "sample": {"num_batches_per_epoch": 2},
+        "prompts": {"set": "file", "path": str(prompt_file)},
+        "advantage": {"buffer_size": 16, "min_count": 6},
+    }
     straight = Trainer(
         make_tiny_config(**common, run={"num_epochs": 4, "name": "straight", "save_every": 100})
     )
@@ -80,6 +96,9 @@ def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
         make_tiny_config(**common, run={"num_epochs": 4, "name": "split", "resume": str(run_dir)})
     )
     assert resumed.next_epoch == 2 and resumed.run_folder.path == run_dir
+    # The tracker came back with its buffers, and they are long enough to be used.
+    assert resumed.tracker.state_dict() == first.tracker.state_dict()
+    assert all(len(b) >= 6 for b in resumed.tracker.buffers.values()), resumed.tracker.state_dict()
     resumed_history = resumed.run()
 
     assert [m["epoch"] for m in resumed_history] == [2, 3]
@@ -90,6 +109,18 @@ def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
     state_a, state_b = straight.policy.trainable_state_dict(), resumed.policy.trainable_state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert straight.tracker.state_dict() == resumed.tracker.state_dict()
+    # The resumed epochs' advantages are the uninterrupted run's, and not what a fresh tracker gives.
+    for epoch in (2, 3):
+        rows_a, rows_b = (
+            [json.loads(x) for x in (folder / f"samples/epoch_{epoch:04d}.jsonl").read_text().splitlines()]
+            for folder in (straight.run_folder.path, run_dir)
+        )
+        assert [r["advantage"] for r in rows_a] == [r["advantage"] for r in rows_b]
+    fresh = PerPromptStatTracker(buffer_size=16, min_count=6).update(
+        [r["prompt"] for r in rows_b], np.array([r["reward"] for r in rows_b])
+    )
+    assert not np.allclose(fresh, [r["advantage"] for r in rows_b])
     # The run folder's metrics hold each epoch once (-1: the base model's eval, before training).
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [-1, 0, 1, 2, 3]
@@ -226,13 +257,63 @@ def test_images_per_prompt_must_divide_the_batch(make_tiny_config):
         make_tiny_config(sample={"images_per_prompt": 3})
 
 
-@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf"])
-def test_update_raises_the_log_prob_of_positive_advantages(make_tiny_config, algorithm):
-    """The update's direction, checked on the samples themselves: after one step, the trajectory
-    with a positive advantage is more likely and the one with a negative advantage less likely,
-    by the log-probs recomputed independently of the update's own bookkeeping."""
+@torch.no_grad()
+def _trajectory_log_probs(trainer: Trainer, samples) -> torch.Tensor:
+    """log p of each whole sampled trajectory under the current policy (summed over its steps),
+    recomputed independently of the update's own bookkeeping."""
     from trainer.ddim import ddim_step_with_logprob
 
+    policy, s = trainer.policy, trainer.cfg.sample
+    policy.scheduler.set_timesteps(s.num_steps)
+    steps = []
+    for j in range(samples.timesteps.shape[1]):
+        eps = policy.predict_noise(
+            samples.latents[:, j], samples.timesteps[:, j], samples.prompt_embeds,
+            samples.negative_embeds, s.guidance_scale,
+        )  # fmt: skip
+        _, log_prob = ddim_step_with_logprob(
+            policy.scheduler, eps, samples.timesteps[:, j], samples.latents[:, j], eta=s.eta,
+            prev_sample=samples.next_latents[:, j],
+        )  # fmt: skip
+        steps.append(log_prob)
+    return torch.stack(steps, 1).sum(1)
+
+
+@torch.no_grad()
+def _negative_denoising_loss(trainer: Trainer, samples, draws: int = 16) -> torch.Tensor:
+    """-(epsilon loss) of each sample's final latent at fixed (noise, t) draws: RWR's objective
+    (a lower bound on log p of the sample), computed with the UNet called directly."""
+    policy = trainer.policy
+    scheduler = policy.scheduler
+    assert scheduler.config.prediction_type == "epsilon"
+    x0 = samples.next_latents[:, -1]
+    gen = torch.Generator().manual_seed(1234)
+    losses = torch.zeros(len(samples))
+    for _ in range(draws):
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(samples),), generator=gen)
+        pred = policy.unet(
+            scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=samples.prompt_embeds
+        ).sample
+        losses += ((pred - noise) ** 2).mean(dim=(1, 2, 3)) / draws
+    return -losses
+
+
+def _lora_b(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The LoRA B matrices: zero at initialization and, unlike lora_A, left at zero by AdamW's weight
+    decay; they move only by a gradient."""
+    state = trainer.policy.trainable_state_dict()
+    return {k: v.detach().clone() for k, v in state.items() if "lora_B" in k}
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf", "rwr"])
+def test_update_raises_the_likelihood_of_favoured_samples(make_tiny_config, algorithm):
+    """The update's direction, checked on the samples themselves, for every algorithm: after one
+    optimizer step, ddpo_is/ddpo_sf make the trajectory with a positive advantage more likely and
+    the one with a negative advantage less likely (log-probs recomputed independently); rwr fits
+    the sample that carries all the weight better (its denoising loss falls, and falls more than
+    when the same step puts the weight on another sample: on a random tiny model every sample's
+    loss falls together). Fails with the gradient zeroed, the loss detached or its sign flipped."""
     cfg = make_tiny_config(
         sample={"num_batches_per_epoch": 1},
         train={"algorithm": algorithm, "learning_rate": 1e-3},
@@ -241,28 +322,37 @@ def test_update_raises_the_log_prob_of_positive_advantages(make_tiny_config, alg
     trainer = Trainer(cfg)
     samples, futures = trainer.sample_epoch(0)
     [f.result() for f in futures]
+    n = len(samples)
+    score = _negative_denoising_loss if algorithm == "rwr" else _trajectory_log_probs
+    lora_b = _lora_b(trainer)
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b.values())
 
-    @torch.no_grad()
-    def trajectory_log_probs() -> torch.Tensor:
-        policy, s = trainer.policy, cfg.sample
-        policy.scheduler.set_timesteps(s.num_steps)
-        steps = []
-        for j in range(samples.timesteps.shape[1]):
-            eps = policy.predict_noise(
-                samples.latents[:, j], samples.timesteps[:, j], samples.prompt_embeds,
-                samples.negative_embeds, s.guidance_scale,
-            )  # fmt: skip
-            _, log_prob = ddim_step_with_logprob(
-                policy.scheduler, eps, samples.timesteps[:, j], samples.latents[:, j], eta=s.eta,
-                prev_sample=samples.next_latents[:, j],
-            )  # fmt: skip
-            steps.append(log_prob)
-        return torch.stack(steps, 1).sum(1)
-
-    before = trajectory_log_probs()
-    advantages = np.zeros(len(samples))
+    before = score(trainer, samples)
+    advantages = np.zeros(n)
     advantages[0], advantages[1] = 2.0, -2.0
-    trainer.update(0, samples, advantages)
-    delta = trajectory_log_probs() - before
-    assert delta[0] > 0 > delta[1], delta
-    assert delta[0] > delta[2:].max() and delta[1] < delta[2:].min(), delta
+    weights = None
+    if algorithm == "rwr":  # RWR's weights have mean 1 over the samples: all of it on one sample
+        start = copy.deepcopy((trainer.policy.trainable_state_dict(), trainer.optimizer.state_dict()))
+        weights = np.zeros(n)
+        weights[n - 1] = n
+        trainer.update(0, samples, advantages, weights)  # the same step, the weight on the last sample
+        delta_other = score(trainer, samples) - before
+        trainer.policy.load_trainable_state_dict(start[0])
+        trainer.optimizer.load_state_dict(start[1])
+        assert torch.equal(score(trainer, samples), before)
+        weights = np.zeros(n)
+        weights[0] = n
+    info = trainer.update(0, samples, advantages, weights)
+    delta = score(trainer, samples) - before
+
+    # A real gradient step: a positive pre-clip gradient norm, and the LoRA B matrices left zero.
+    assert info["optimizer_steps"] == 1 and info["grad_norm"] > 0, info
+    moved = [k for k, v in _lora_b(trainer).items() if torch.count_nonzero(v) > 0]
+    assert moved == list(lora_b), sorted(set(lora_b) - set(moved))
+    # ... in the direction the loss asks for.
+    if algorithm == "rwr":
+        assert delta[0] > 0, delta
+        assert delta[0] > delta_other[0] and delta_other[-1] > delta[-1], (delta, delta_other)
+    else:
+        assert delta[0] > 0 > delta[1], delta
+        assert delta[0] > delta[2:].max() and delta[1] < delta[2:].min(), delta
