@@ -74,6 +74,11 @@ class SampleConfig(_Section):
         "a group; with advantage.min_count <= K the per-prompt tracker normalizes each reward within "
         "its prompt's group (and history). Must divide batch_size.",
     )
+    same_initial_noise: bool = Field(
+        False,
+        description="The K images of a group start from the same x_T and differ only by the noise of "
+        "their stochastic steps, so a group's reward spread is due to the policy's own actions.",
+    )
     window_size: int = Field(
         0,
         ge=0,
@@ -111,6 +116,8 @@ class SampleConfig(_Section):
                 )
         elif self.window_start or self.window_start_max is not None:
             raise ValueError("window_start/window_start_max need window_size > 0")
+        if self.same_initial_noise and self.images_per_prompt < 2:
+            raise ValueError("same_initial_noise needs groups: images_per_prompt >= 2")
         return self
 
     @property
@@ -120,10 +127,12 @@ class SampleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr"] = Field(
+    algorithm: Literal["ddpo_is", "ddpo_sf", "grpo", "p3o", "rwr"] = Field(
         "ddpo_is",
         description="ddpo_is: PPO-style clipped importance sampling; ddpo_sf: score function "
-        "(REINFORCE, one step per epoch); rwr: reward-weighted regression baseline.",
+        "(REINFORCE, one step per epoch); grpo: the clipped loss with group-relative advantages "
+        "(needs sample.images_per_prompt >= 2); p3o: pairwise PPO over same-prompt pairs (needs "
+        "images_per_prompt >= 2); rwr: reward-weighted regression baseline. See trainer/algorithms.py.",
     )
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
@@ -148,6 +157,24 @@ class TrainConfig(_Section):
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (ddpo_is).")
     adv_clip_max: float = Field(
         5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max]."
+    )
+    kl_beta: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the closed-form KL to the reference policy (the base model: LoRA adapter "
+        "disabled, or a frozen copy with full fine-tuning) added to the loss on every trained step; "
+        "logged as kl_ref. Published values 0.004-0.04. Policy-gradient algorithms only.",
+    )
+    grpo_std: Literal["group", "global"] = Field(
+        "group", description="grpo: divide by the group's reward std, or by the whole batch's."
+    )
+    skip_zero_advantage: bool = Field(
+        False, description="grpo: samples with advantage 0 (groups of equal rewards) leave the loss's mean."
+    )
+    p3o_clipping: Literal["separate", "joint"] = Field(
+        "separate",
+        description="p3o: clip each sample's ratio (separate), or the pair's ratio "
+        "exp((logp_i - old_i) - (logp_j - old_j)) (joint).",
     )
     rwr_weighting: Literal["softmax", "filter"] = Field(
         "softmax", description="rwr: softmax(reward / temperature) weights, or keep the top percentile."
@@ -397,6 +424,18 @@ class Config(_Section):
                     f"train.gradient_accumulation_steps must be {minibatches} for ddpo_sf "
                     "(one optimizer step per sampled epoch)"
                 )
+        algorithm, k = self.train.algorithm, self.sample.images_per_prompt
+        if algorithm in ("grpo", "p3o") and k < 2:
+            raise ValueError(
+                f"train.algorithm {algorithm} needs groups: sample.images_per_prompt >= 2 (got {k})"
+            )
+        if algorithm == "p3o" and self.train.batch_size % k:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of sample.images_per_prompt "
+                f"({k}) for p3o (pairs are formed inside a minibatch)"
+            )
+        if algorithm == "rwr" and self.train.kl_beta > 0:
+            raise ValueError("train.kl_beta applies to policy-gradient algorithms, not rwr")
         if self.advantage.min_count > self.advantage.buffer_size:
             raise ValueError("advantage.min_count must be <= advantage.buffer_size")
         if self.prompts.set == "file" and not self.prompts.path:

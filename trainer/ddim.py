@@ -93,6 +93,46 @@ def ddim_step_deterministic(
     return (alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b).sqrt() * eps).to(sample.dtype)
 
 
+def ddim_transition(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of one DDIM step (DDIM eq. 12 with sigma = eta * sigma_t, eq. 16), in fp32:
+    (mean, std), mean shaped like ``sample`` and std broadcastable to it (one per sample)."""
+    if eta <= 0:
+        raise ValueError(
+            f"eta must be > 0 for a log-probability (got {eta}): with eta = 0 DDIM is deterministic"
+        )
+    batch = sample.shape[0]
+    alpha_t, alpha_prev = step_alphas(scheduler, timestep, batch)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    if bool((std <= 0).any()):
+        raise ValueError(
+            "a DDIM step has zero variance (scheduler with set_alpha_to_one=True at its last step?); "
+            "its log-probability is undefined: use set_alpha_to_one=False"
+        )
+    if bool((1 - alpha_prev - std**2 < 0).any()):
+        raise ValueError(
+            f"eta = {eta} is too large: the DDIM direction term becomes imaginary (use eta <= 1)"
+        )
+    x = sample.to(torch.float32)
+    x0, eps = _x0_and_eps(scheduler, model_output, x, alpha_t)
+    alpha_prev_b = _per_sample(alpha_prev.to(x.device), x.ndim)
+    std_b = _per_sample(std.to(x.device), x.ndim)
+    mean = alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b - std_b**2).sqrt() * eps
+    return mean, std_b
+
+
+def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) as a mean over non-batch dims, shape (batch,)."""
+    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -108,39 +148,16 @@ def ddim_step_with_logprob(
     log-prob under this step is returned; otherwise a new one is sampled with ``generator``
     (one generator, or one per sample for per-sample noise streams).
     """
-    if eta <= 0:
-        raise ValueError(
-            f"eta must be > 0 for a log-probability (got {eta}): with eta = 0 DDIM is deterministic"
-        )
-    batch = sample.shape[0]
-    alpha_t, alpha_prev = step_alphas(scheduler, timestep, batch)
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * variance.sqrt()
-    if bool((std <= 0).any()):
-        raise ValueError(
-            "a DDIM step has zero variance (scheduler with set_alpha_to_one=True at its last step?); "
-            "its log-probability is undefined: use set_alpha_to_one=False"
-        )
-
-    device, out_dtype = sample.device, sample.dtype
-    x = sample.to(torch.float32)
-    x0, eps = _x0_and_eps(scheduler, model_output, x, alpha_t)
-    alpha_prev_b = _per_sample(alpha_prev.to(device), x.ndim)
-    std_b = _per_sample(std.to(device), x.ndim)
-
-    if bool((1 - alpha_prev - std**2 < 0).any()):
-        raise ValueError(
-            f"eta = {eta} is too large: the DDIM direction term becomes imaginary (use eta <= 1)"
-        )
-    mean = alpha_prev_b.sqrt() * x0 + (1 - alpha_prev_b - std_b**2).sqrt() * eps
+    mean, std_b = ddim_transition(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         prev = mean + std_b * noise
     else:
         prev = prev_sample
     # The log-prob of exactly what is returned (and stored), after rounding to the sample dtype.
+    out_dtype = sample.dtype
     prev = prev.to(out_dtype).to(torch.float32)
 
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std_b**2) - torch.log(std_b) - _LOG_SQRT_2PI
-    log_prob = log_prob.mean(dim=tuple(range(1, x.ndim)))
+    log_prob = log_prob.mean(dim=tuple(range(1, mean.ndim)))
     return prev.to(out_dtype), log_prob

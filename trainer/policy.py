@@ -114,6 +114,7 @@ class DiffusionPolicy:
             self.unet.enable_gradient_checkpointing()
         # Replaced by a DDP wrapper in multi-process runs (trainer.distributed).
         self.unet_forward: nn.Module = self.unet
+        self._reference_unet: nn.Module | None = None
 
     # -- parameters --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -161,7 +162,7 @@ class DiffusionPolicy:
         ).input_ids.to(self.device)
         return self.text_encoder(tokens)[0].to(torch.float32)
 
-    def predict_noise(
+    def model_pred(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
@@ -169,7 +170,12 @@ class DiffusionPolicy:
         negative_embeds: torch.Tensor,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """CFG noise prediction eps_u + w (eps_c - eps_u), one UNet call on the doubled batch."""
+        """The network's output under CFG, out_u + w (out_c - out_u), in fp32.
+
+        What the output is (eps, x0 or v) is the scheduler's ``prediction_type``. With w = 1 the
+        unconditional forward is skipped (CFG-free: half the UNet work); otherwise one UNet call
+        on the doubled batch.
+        """
         batch = latents.shape[0]
         timesteps = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(batch)
         if guidance_scale > 1.0:
@@ -189,6 +195,43 @@ class DiffusionPolicy:
             uncond, cond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
         return out
+
+    predict_noise = model_pred  # the name before prediction types other than eps were supported
+
+    @torch.no_grad()
+    def reference_model_pred(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """``model_pred`` of the reference policy (the base model), for the KL penalty.
+
+        With LoRA the same UNet with its adapter disabled (no second copy in memory); with full
+        fine-tuning the frozen copy made by ``keep_reference``.
+        """
+        if not self.cfg.use_lora:
+            if self._reference_unet is None:
+                raise RuntimeError("full fine-tuning: call keep_reference() before training")
+            trained, self.unet = self.unet, self._reference_unet
+            try:
+                return self.model_pred(latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+            finally:
+                self.unet = trained
+        self.unet.disable_adapters()
+        try:
+            return self.model_pred(latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+        finally:
+            self.unet.enable_adapters()
+
+    def keep_reference(self) -> None:
+        """With full fine-tuning, keep a frozen copy of the base UNet as the KL reference."""
+        if not self.cfg.use_lora and self._reference_unet is None:
+            import copy
+
+            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,14 @@ def sample_trajectories(
     seeds: Sequence[int],
     keep_trajectory: bool = True,
     window_start: int | None = None,
+    initial_seeds: Sequence[int] | None = None,
 ) -> Trajectories:
     """Run the full DDIM chain for ``prompts``; the noise of sample i comes from ``seeds[i]``.
 
     With ``cfg.window_size`` W > 0 only steps [window_start, window_start + W) are stochastic and
     recorded (default start: ``cfg.window_start``); the others are deterministic DDIM.
+    ``initial_seeds`` (one per sample) draw x_T from their own streams instead of ``seeds``: equal
+    initial seeds give equal x_T, while the steps' noise still comes from ``seeds``.
     """
     batch = len(prompts)
     if len(seeds) != batch:
@@ -86,8 +89,13 @@ def sample_trajectories(
     scheduler = policy.scheduler
     scheduler.set_timesteps(cfg.num_steps, device=device)
     shape = policy.latent_shape(batch, cfg)
+    init_generators = generators if initial_seeds is None else sample_generators(initial_seeds)
+    if len(init_generators) != batch:
+        raise ValueError(f"{len(init_generators)} initial seeds for {batch} prompts")
     latents = (
-        torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(device)
+        torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in init_generators]).to(
+            device
+        )
         * scheduler.init_noise_sigma
     )
 
@@ -95,12 +103,12 @@ def sample_trajectories(
     stochastic = range(start, start + cfg.window_size) if cfg.window_size else range(len(scheduler.timesteps))
     all_latents, all_next, all_logp = [], [], []
     for i, t in enumerate(scheduler.timesteps):
-        eps = policy.predict_noise(latents, t, prompt_embeds, negative_embeds, cfg.guidance_scale)
+        model_pred = policy.model_pred(latents, t, prompt_embeds, negative_embeds, cfg.guidance_scale)
         if i not in stochastic:
-            latents = ddim_step_deterministic(scheduler, eps, t, latents)
+            latents = ddim_step_deterministic(scheduler, model_pred, t, latents)
             continue
         next_latents, log_prob = ddim_step_with_logprob(
-            scheduler, eps, t, latents, eta=cfg.eta, generator=generators
+            scheduler, model_pred, t, latents, eta=cfg.eta, generator=generators
         )
         if keep_trajectory:
             all_latents.append(latents)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trainer.algorithms import RewardBatch, TrainedStep, group_ids, make_algorithm, minibatch_order
 from trainer.checkpoint import (
     TrainingState,
     capture_rng,
@@ -37,15 +38,15 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import Config
-from trainer.ddim import ddim_step_with_logprob
+from trainer.ddim import ddim_step_with_logprob, ddim_transition, gaussian_kl_same_std
 from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
-from trainer.losses import LossInfo, ppo_clip_loss, rwr_loss, rwr_weights, score_function_loss
+from trainer.losses import LossInfo
 from trainer.policy import DiffusionPolicy, resolve_pretrained
 from trainer.prompts import load_heldout_prompts, load_prompts
 from trainer.reward_client import RewardClient, RewardResult, make_reward_client
 from trainer.run_folder import RunFolder
 from trainer.sampling import Trajectories, sample_trajectories
-from trainer.stat_tracking import PerPromptStatTracker, normalize_globally
+from trainer.stat_tracking import PerPromptStatTracker
 from trainer.transports.errors import RewardError
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class Trainer:
             if cfg.advantage.per_prompt_stat_tracking
             else None
         )
+        self.algorithm = make_algorithm(cfg.train)
+        if cfg.train.kl_beta > 0:
+            self.policy.keep_reference()
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.next_epoch = 0
@@ -212,16 +216,13 @@ class Trainer:
         rewards = np.array(gather_global(local_rewards, self.dist, num_batches), dtype=np.float64)
         details = gather_global([d for r in results for d in r.details], self.dist, num_batches)
         accuracy = caption_accuracy(details)
-        # 3. Advantages.
-        advantages = self.compute_advantages(prompts, rewards)
+        # 3. Advantages (RWR: weights), on the global batch: a group may span ranks.
+        groups = group_ids(len(rewards), self.cfg.sample.images_per_prompt)
+        advantages = self.algorithm.advantages(RewardBatch(prompts, rewards, groups, self.tracker))
         local_advantages = local_slice(advantages, self.dist, num_batches)
-        rwr_w = None
-        if self.cfg.train.algorithm == "rwr":  # RWR weights come from the global batch's rewards
-            t = self.cfg.train
-            weights = rwr_weights(rewards, t.rwr_weighting, t.rwr_temperature, t.rwr_percentile)
-            rwr_w = local_slice(weights, self.dist, num_batches)
+        local_groups = local_slice(groups, self.dist, num_batches)
         # 4. Update.
-        train_info = self.update(epoch, samples, local_advantages, rwr_w)
+        train_info = self.update(epoch, samples, local_advantages, groups=local_groups)
         train_info = mean_across_ranks(train_info, self.dist)
         t_trained = time.perf_counter()
 
@@ -297,6 +298,15 @@ class Trainer:
         mine = range(self.rank * size, (self.rank + 1) * size)
         return [self.prompts[prompt_ids[i]] for i in mine], [(base + i) % 2**63 for i in mine]
 
+    def initial_seeds(self, epoch: int, batch: int) -> list[int] | None:
+        """With ``sample.same_initial_noise``: one x_T seed per group (K consecutive samples), else None."""
+        s = self.cfg.sample
+        if not s.same_initial_noise:
+            return None
+        base = derive_seed(self.cfg.run.seed, epoch, batch, 3)
+        mine = range(self.rank * s.batch_size, (self.rank + 1) * s.batch_size)
+        return [(base + i // s.images_per_prompt) % 2**63 for i in mine]
+
     def window_start(self, epoch: int) -> int:
         """First stochastic step of this epoch's window: fixed, or drawn from (seed, epoch) alone."""
         s = self.cfg.sample
@@ -318,7 +328,12 @@ class Trainer:
         for b in bar:
             prompts, seeds = self.epoch_batch_plan(epoch, b)
             traj = sample_trajectories(
-                self.policy, prompts, self.cfg.sample, seeds, window_start=window_start
+                self.policy,
+                prompts,
+                self.cfg.sample,
+                seeds,
+                window_start=window_start,
+                initial_seeds=self.initial_seeds(epoch, b),
             )
             futures.append(self.reward_client.submit(traj.images, prompts))
             batches.append(traj)
@@ -354,12 +369,6 @@ class Trainer:
             raise RewardError(f"no batch of this epoch got its reward; first error: {errors[0]}")
         return samples.select(torch.tensor(keep)), results, len(samples) - len(keep)
 
-    # -- 3. advantages -----------------------------------------------------------------------
-    def compute_advantages(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
-        if self.tracker is not None:
-            return self.tracker.update(prompts, rewards)
-        return normalize_globally(rewards)
-
     # -- 4. update ---------------------------------------------------------------------------
     def update(
         self,
@@ -367,20 +376,29 @@ class Trainer:
         samples: Trajectories,
         advantages: np.ndarray,
         sample_weights: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
     ) -> dict:
-        """Policy-gradient (or RWR) update on this rank's samples; returns loss statistics."""
+        """The algorithm's update on this rank's samples; returns loss statistics.
+
+        ``advantages``: what the algorithm's ``advantages`` gave these samples (for RWR, its
+        weights; ``sample_weights`` overrides them); ``groups``: their group ids (default: K
+        consecutive samples per group).
+        """
         cfg, t = self.cfg, self.cfg.train
-        policy = self.policy
+        policy, algorithm = self.policy, self.algorithm
         policy.unet.train()
         policy.scheduler.set_timesteps(cfg.sample.num_steps, device=policy.device)
         num_timesteps = cfg.num_train_timesteps()
         n, steps = len(samples), samples.timesteps.shape[1]
+        if algorithm.objective == "denoising" and sample_weights is not None:
+            advantages = sample_weights
         adv_all = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
-        rwr_w = None
-        if t.algorithm == "rwr":
-            rwr_w = torch.as_tensor(sample_weights, dtype=torch.float32, device=policy.device)
+        if groups is None:
+            groups = group_ids(n, cfg.sample.images_per_prompt)
+        groups_all = torch.as_tensor(np.asarray(groups), dtype=torch.long)
 
         infos: list[LossInfo] = []
+        kls: list[float] = []
         losses: list[float] = []
         grad_norms: list[float] = []
         num_minibatches = -(-n // t.batch_size)  # after a dropped batch the last one may be short
@@ -393,9 +411,15 @@ class Trainer:
         )
         for inner in range(t.num_inner_epochs):
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, epoch, inner, self.rank, 2))
-            order = torch.randperm(n, generator=gen)
-            # Each sample trains on its own random subset/order of denoising steps.
+            order = minibatch_order(groups_all, algorithm.keeps_groups_together, generator=gen)
+            # Each sample trains on its own random subset/order of denoising steps (a group on the
+            # same ones when the algorithm compares its samples step by step).
             step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])
+            if algorithm.keeps_groups_together:
+                first_of_group = {}
+                for i, g in enumerate(groups_all.tolist()):
+                    first_of_group.setdefault(g, i)
+                step_perm = step_perm[[first_of_group[g] for g in groups_all.tolist()]]
             self.optimizer.zero_grad(set_to_none=True)
             for mb_index, start in enumerate(range(0, n, t.batch_size)):
                 idx = order[start : start + t.batch_size]
@@ -406,11 +430,13 @@ class Trainer:
                 # when batches were dropped), each group's gradient a mean over its minibatches.
                 boundary = mb_index + 1 == group_start + group_size
                 scale = 1.0 / (num_timesteps * group_size)
-                if t.algorithm == "rwr":
-                    loss_sum = self._rwr_minibatch(samples, idx, rwr_w, num_timesteps, gen, scale, boundary)
+                if algorithm.objective == "denoising":
+                    loss_sum = self._denoising_minibatch(
+                        samples, idx, adv_all, num_timesteps, gen, scale, boundary
+                    )
                 else:
                     loss_sum = self._pg_minibatch(
-                        samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary
+                        samples, idx, perm, adv_all, groups_all, num_timesteps, infos, kls, scale, boundary
                     )
                 losses.append(loss_sum)
                 if boundary:
@@ -423,12 +449,18 @@ class Trainer:
             "clipfrac": float(np.mean([i.clipfrac for i in infos])) if infos else 0.0,
             "ratio_mean": float(np.mean([i.ratio_mean for i in infos])) if infos else 1.0,
             "first_ratio": infos[0].ratio_mean if infos else 1.0,
+            "kl_ref": float(np.mean(kls)) if kls else 0.0,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "optimizer_steps": len(grad_norms),
         }
 
-    def _pg_minibatch(self, samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary=True) -> float:
-        """DDPO-IS / DDPO-SF on one minibatch: backward per trained timestep (memory stays flat)."""
+    def _pg_minibatch(
+        self, samples, idx, perm, adv_all, groups_all, num_timesteps, infos, kls, scale, boundary=True
+    ) -> float:
+        """Policy gradient on one minibatch: backward per trained timestep (memory stays flat).
+
+        loss = the algorithm's step loss + kl_beta * KL(current || reference) on every trained step.
+        """
         t, s, policy = self.cfg.train, self.cfg.sample, self.policy
         rows = torch.arange(len(idx)).unsqueeze(1)
         latents = samples.latents[idx][rows, perm]
@@ -436,33 +468,39 @@ class Trainer:
         old_log_probs = samples.log_probs[idx][rows, perm]
         timesteps = samples.timesteps[idx][rows, perm]
         prompt_embeds, negative_embeds = samples.prompt_embeds[idx], samples.negative_embeds[idx]
-        adv = adv_all[idx]
+        adv, groups = adv_all[idx], groups_all[idx]
         total = 0.0
         for j in range(num_timesteps):
             with self._grad_sync(boundary and j == num_timesteps - 1):
-                eps = policy.predict_noise(
-                    latents[:, j], timesteps[:, j], prompt_embeds, negative_embeds, s.guidance_scale
-                )
+                x_t, t_j = latents[:, j], timesteps[:, j]
+                model_pred = policy.model_pred(x_t, t_j, prompt_embeds, negative_embeds, s.guidance_scale)
                 _, log_prob = ddim_step_with_logprob(
-                    policy.scheduler,
-                    eps,
-                    timesteps[:, j],
-                    latents[:, j],
-                    eta=s.eta,
-                    prev_sample=next_latents[:, j],
+                    policy.scheduler, model_pred, t_j, x_t, eta=s.eta, prev_sample=next_latents[:, j]
                 )
                 old = old_log_probs[:, j].to(log_prob.device)
-                if t.algorithm == "ddpo_is":
-                    loss, info = ppo_clip_loss(adv, log_prob, old, t.clip_range, t.adv_clip_max)
-                else:
-                    loss, info = score_function_loss(adv, log_prob, old, t.adv_clip_max)
+                loss, info = self.algorithm.step_loss(TrainedStep(log_prob, old, adv, groups))
+                if t.kl_beta > 0:
+                    kl = self._kl_to_reference(model_pred, x_t, t_j, prompt_embeds, negative_embeds).mean()
+                    loss = loss + t.kl_beta * kl
+                    kls.append(float(kl))
                 (loss * scale).backward()
             infos.append(info)
             total += loss.item() / num_timesteps
         return total
 
-    def _rwr_minibatch(self, samples, idx, weights, num_timesteps, gen, scale, boundary=True) -> float:
-        """RWR: weighted denoising loss on the sampled final latents at random noise levels."""
+    def _kl_to_reference(self, model_pred, x_t, t_j, prompt_embeds, negative_embeds) -> torch.Tensor:
+        """Closed-form KL between this step's Gaussian under the current and the reference policy."""
+        s, policy = self.cfg.sample, self.policy
+        mean, std = ddim_transition(policy.scheduler, model_pred, t_j, x_t, s.eta)
+        ref_pred = policy.reference_model_pred(x_t, t_j, prompt_embeds, negative_embeds, s.guidance_scale)
+        ref_mean, _ = ddim_transition(policy.scheduler, ref_pred, t_j, x_t, s.eta)
+        return gaussian_kl_same_std(mean, ref_mean, std)
+
+    def _denoising_minibatch(self, samples, idx, weights, num_timesteps, gen, scale, boundary=True) -> float:
+        """RWR: the weighted denoising loss on the sampled final latents at random noise levels.
+
+        The target is what the network predicts (``prediction_type``): the noise, x0 or v.
+        """
         policy = self.policy
         scheduler = policy.scheduler
         x0 = samples.next_latents[idx, -1]
@@ -482,8 +520,8 @@ class Trainer:
             else:
                 target = scheduler.get_velocity(x0, noise, tt)
             with self._grad_sync(boundary and j == num_timesteps - 1):
-                pred = policy.predict_noise(noisy, tt, embeds, embeds, guidance_scale=1.0)
-                loss = rwr_loss(pred, target, weights[idx])
+                model_pred = policy.model_pred(noisy, tt, embeds, embeds, guidance_scale=1.0)
+                loss = self.algorithm.denoising_loss(model_pred, target, weights[idx])
                 (loss * scale).backward()
             total += loss.item() / num_timesteps
         return total
