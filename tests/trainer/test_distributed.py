@@ -54,10 +54,11 @@ def _read_samples(run_dir: Path, epoch: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_ranks_train_one_policy(tmp_path):
-    overrides = {
-        "train": {"clip_range": 0.1, "learning_rate": 1e-2},
-        "run": {"num_epochs": 2, "name": "ddp", "save_every": 2},
-    }
+    # 2 ranks x 2 sampling batches of 4 = a global batch of 16 per epoch; each rank's 8 samples make
+    # 2 minibatches accumulated into one optimizer step, whose gradient DDP averages over the ranks:
+    # one step per epoch on the mean gradient of all 16 samples.
+    train = {"clip_range": 0.1, "learning_rate": 1e-2, "batch_size": 4, "gradient_accumulation_steps": 2}
+    overrides = {"train": train, "run": {"num_epochs": 2, "name": "ddp", "save_every": 2}}
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), overrides), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
@@ -65,7 +66,8 @@ def test_two_ranks_train_one_policy(tmp_path):
     assert rank0["trainable"].keys() == rank1["trainable"].keys()
     for key in rank0["trainable"]:
         assert torch.equal(rank0["trainable"][key], rank1["trainable"][key]), key
-    assert rank0["history"][-1]["optimizer_steps"] >= 1 and rank0["history"][-1]["world_size"] == 2
+    assert [m["optimizer_steps"] for m in rank0["history"]] == [1, 1]
+    assert rank0["history"][-1]["world_size"] == 2
 
     # Rank 0's log holds the global batch; advantages equal one tracker fed the same global rewards.
     run_dir = tmp_path / "ddp"
@@ -81,22 +83,38 @@ def test_two_ranks_train_one_policy(tmp_path):
     rows = _read_samples(run_dir, 0)
     assert [r["reward"] for r in rows[:4]] != [r["reward"] for r in rows[4:8]]
 
-    # One process with the same global batch per sampling step: the same epoch-0 samples.
+    # One process with the same global batch: sampling batches of 8, and one optimizer step per epoch
+    # over all 16 samples (2 minibatches of 8, accumulated). The same samples, and the same weights.
     from trainer.train import Trainer
 
     single = Trainer(
         tiny_config(
             tmp_path,
             sample={"batch_size": 8},
-            train={"clip_range": 0.1},
-            run={"num_epochs": 1, "name": "one"},
+            train={**train, "batch_size": 8},
+            run={"num_epochs": 2, "name": "one", "save_every": 100},
         )
     )
-    single.run()
+    initial = {k: v.clone() for k, v in single.policy.trainable_state_dict().items()}
+    single_history = single.run()
+    assert [m["optimizer_steps"] for m in single_history] == [1, 1]
     single_rows = _read_samples(tmp_path / "one", 0)
     assert [r["prompt"] for r in single_rows] == [r["prompt"] for r in rows]
     # Same seeds and weights; only float batch effects may move a JPEG by a few bytes.
     np.testing.assert_allclose([r["reward"] for r in single_rows], [r["reward"] for r in rows], atol=0.02)
+
+    # After two updates the 2-rank weights are the 1-process weights: their distance is a small
+    # fraction of how far training moved them (float batch effects and JPEG bytes, nothing more).
+    single_state = single.policy.trainable_state_dict()
+    assert single_state.keys() == rank0["trainable"].keys()
+
+    def distance(a: dict, b: dict) -> float:
+        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+    moved = distance(single_state, initial)
+    apart = distance(rank0["trainable"], single_state)
+    assert moved > 0
+    assert apart < 0.05 * moved, (apart, moved)
 
 
 @pytest.mark.slow
