@@ -53,12 +53,12 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 def test_serves_with_flags_over_env(workers):
     port = free_port()
     flags = ["--port", str(port), "--workers", str(workers), "--rewards", "jpeg_incompressibility"]
-    env = {"DDPO_REWARD_API_KEY": "k", "DDPO_REWARD_REWARDS": '["jpeg_compressibility"]'}
+    env = {"DDPO_REWARD_API_KEY": "k" * 16, "DDPO_REWARD_REWARDS": '["jpeg_compressibility"]'}
     proc = run_cli(*flags, "--log-level", "warning", env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc)
-        auth = {"Authorization": "Bearer k"}
+        auth = {"Authorization": "Bearer " + "k" * 16}
         assert httpx.get(base + "/rewards", headers=auth).json() == {"rewards": ["jpeg_incompressibility"]}
         image = encode_png_b64(np.zeros((8, 8, 3), np.uint8))
         body = {"request_id": "cli", "reward": "jpeg_incompressibility", "images": [image], "prompts": ["p"]}
