@@ -34,6 +34,12 @@ class ModelConfig(_Section):
         "(minutes, cached) the digits base model of trainer/digits_model.py. The run's config.json "
         "records the folder that was loaded.",
     )
+    family: Literal["sd", "sdxl", "sd3"] = Field(
+        "sd",
+        description="Model family of `pretrained` (trainer/families.py): 'sd' (SD 1.x/2.x, DDIM), 'sdxl' "
+        "(DDIM, two text encoders), 'sd3' (SD3/SD3.5, flow matching with the SDE step). Checked against "
+        "the checkpoint's model_index.json; a mismatch is an error.",
+    )
     revision: str | None = Field(None, description="Hub revision of `pretrained`.")
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="Dtype of the frozen weights (UNet, VAE, text encoder). LoRA params stay fp32."
@@ -57,6 +63,12 @@ class SampleConfig(_Section):
         gt=0,
         le=1,
         description="DDIM eta in (0, 1]: eta = 0 is deterministic and has no log-prob to train on.",
+    )
+    noise_level: float = Field(
+        0.7,
+        gt=0,
+        description="Flow-matching families (sd3): noise level a of the SDE step (Flow-GRPO: 0.7); "
+        "a = 0 is the deterministic Euler step and has no log-prob to train on. DDIM families use eta.",
     )
     guidance_scale: float = Field(
         5.0, ge=1.0, description="Classifier-free guidance weight w (same in training)."
