@@ -63,6 +63,12 @@ def save_lora(unet: torch.nn.Module, folder: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
+    from trainer.families import family_of_denoiser
+
+    family = family_of_denoiser(unet)
+    if family is not None and family.name != "sd":  # SDXL / SD3: that pipeline's file layout
+        family.save_lora(folder, get_peft_model_state_dict(unet), unet.peft_config["default"].to_dict())
+        return
     kwargs = {}
     accepted = inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
     if "unet_lora_adapter_metadata" in accepted:  # diffusers >= 0.34

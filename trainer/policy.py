@@ -1,4 +1,7 @@
-"""The policy: a diffusers Stable Diffusion pipeline whose UNet carries trainable LoRA adapters.
+"""The policy: a diffusers pipeline whose denoiser (UNet, or SD3's transformer) carries trainable LoRA.
+
+What differs between model families (SD 1.x/2.x, SDXL, SD3) is asked of ``self.family``
+(trainer/families.py); ``self.unet`` is the denoiser whatever its class.
 
 Frozen weights may be fp16/bf16; trainable (LoRA) parameters are always fp32, so the first
 on-policy ratio is exactly 1 and small updates are not lost to rounding. The UNet is called
@@ -33,37 +36,28 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_pretrained(name: str) -> str:
-    """The folder or hub id to load: 'tiny' and 'digits' are built here (cached) on first use."""
+    """The folder or hub id to load: 'tiny', 'tiny-sdxl', 'tiny-sd3' and 'digits' are built here
+    (cached) on first use."""
     from trainer.digits_model import DIGITS_MODEL_NAME, ensure_digits_model
     from trainer.tiny import TINY_MODEL_NAME, ensure_tiny_model
+    from trainer.tiny_families import BUILDERS, ensure_tiny_family_model
 
     if name == TINY_MODEL_NAME:
         return str(ensure_tiny_model())
     if name == DIGITS_MODEL_NAME:
         return str(ensure_digits_model())
+    if name in BUILDERS:
+        return str(ensure_tiny_family_model(name))
     return name
 
 
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
-    """``StableDiffusionPipeline.from_pretrained`` with a DDIM scheduler ('tiny'/'digits': built here)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's pipeline (``model.family``, checked against the checkpoint's model_index.json)
+    with the scheduler the trainer steps with ('tiny*'/'digits': built here)."""
+    from trainer.families import check_family
 
     source: str | Path = resolve_pretrained(cfg.pretrained)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            revision=cfg.revision,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"model.pretrained: cannot load a Stable Diffusion pipeline from {str(source)!r}: {err}"
-        ) from err
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return check_family(cfg.family, source, cfg.revision).load_pipeline(source, cfg.revision, dtype)
 
 
 class DiffusionPolicy:
@@ -77,14 +71,18 @@ class DiffusionPolicy:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        from trainer.families import get_family
+
         self.pipeline = load_pipeline(cfg, self.dtype)
         self.pipeline.to(self.device)
-        self.unet = self.pipeline.unet
+        self.family = get_family(cfg.family)(self.pipeline)
+        self.unet = self.family.denoiser  # the denoiser: a UNet, or SD3's transformer
+        self.unet._ddpo_family = self.family  # checkpoints save LoRA in this family's file layout
         self.vae = self.pipeline.vae
         self.text_encoder = self.pipeline.text_encoder
         self.tokenizer = self.pipeline.tokenizer
         self.scheduler = self.pipeline.scheduler
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in self.family.frozen_modules():
             module.requires_grad_(False)
             module.eval()
 
@@ -99,7 +97,7 @@ class DiffusionPolicy:
                         r=cfg.lora_rank,
                         lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                         init_lora_weights="gaussian",
-                        target_modules=list(cfg.lora_target_modules),
+                        target_modules=self.family.lora_target_modules(cfg.lora_target_modules),
                     )
                 )
             # LoRA params in fp32 even when the frozen weights are fp16/bf16.
@@ -132,9 +130,15 @@ class DiffusionPolicy:
         if self.cfg.use_lora:
             from peft.utils import set_peft_model_state_dict
 
+            ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k and v.ndim >= 2}
+            if ranks and ranks != {self.cfg.lora_rank}:
+                raise ValueError(
+                    f"model.lora_rank is {self.cfg.lora_rank} but the checkpoint's LoRA has rank "
+                    f"{', '.join(map(str, sorted(ranks)))}: resume with --model.lora_rank {min(ranks)}"
+                )
             try:
                 result = set_peft_model_state_dict(self.unet, state)
-            except RuntimeError as err:  # shape mismatch: another rank or target modules
+            except RuntimeError as err:  # shape mismatch: target modules
                 raise ValueError(
                     f"the checkpoint's LoRA weights do not fit this model's adapters: {err}"
                 ) from None
@@ -152,15 +156,12 @@ class DiffusionPolicy:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(tokens)[0].to(torch.float32)
+    def encode_prompts(self, prompts: Sequence[str], image_size: int | None = None) -> torch.Tensor:
+        """The family's conditioning of ``prompts``, one (B, L, D) fp32 tensor (see trainer/families.py).
+
+        ``image_size``: the sampled images' side in pixels (SDXL's size conditioning); default native.
+        """
+        return self.family.encode_prompts(prompts, self.device, image_size or self.native_resolution())
 
     def model_pred(
         self,
@@ -187,9 +188,7 @@ class DiffusionPolicy:
         # Gradients go through the DDP wrapper (synced); sampling/eval (no grad) call the UNet directly.
         unet = self.unet_forward if torch.is_grad_enabled() else self.unet
         with self.autocast():
-            out = unet(
-                model_in.to(self.dtype), t_in, encoder_hidden_states=embeds.to(self.dtype), return_dict=False
-            )[0]
+            out = self.family.forward(unet, model_in.to(self.dtype), t_in, embeds.to(self.dtype))
         out = out.to(torch.float32)
         if guidance_scale > 1.0:
             uncond, cond = out.chunk(2)
@@ -236,10 +235,13 @@ class DiffusionPolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 RGB images (B, H, W, 3), rounded as diffusers' image processor does."""
-        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        scaled = self.family.unscale_latents(self.vae, latents)
         images = self.vae.decode(scaled, return_dict=False)[0].to(torch.float32)
         images = (images / 2 + 0.5).clamp(0, 1)
         return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_shape(self, batch: int, sample_cfg: SampleConfig) -> tuple[int, int, int, int]:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from trainer.config import SampleConfig
-from trainer.ddim import ddim_step_deterministic, ddim_step_with_logprob
 from trainer.policy import DiffusionPolicy
 
 
@@ -70,6 +69,7 @@ def sample_trajectories(
     keep_trajectory: bool = True,
     window_start: int | None = None,
     initial_seeds: Sequence[int] | None = None,
+    deterministic: bool = False,
 ) -> Trajectories:
     """Run the full DDIM chain for ``prompts``; the noise of sample i comes from ``seeds[i]``.
 
@@ -77,14 +77,18 @@ def sample_trajectories(
     recorded (default start: ``cfg.window_start``); the others are deterministic DDIM.
     ``initial_seeds`` (one per sample) draw x_T from their own streams instead of ``seeds``: equal
     initial seeds give equal x_T, while the steps' noise still comes from ``seeds``.
+    ``deterministic``: every step deterministic (DDIM eta = 0 / flow noise level 0), nothing recorded.
+    The step is the policy's family's (DDIM for SD/SDXL, the flow-matching SDE for SD3).
     """
     batch = len(prompts)
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
     device = policy.device
     generators = sample_generators(seeds)
-    prompt_embeds = policy.encode_prompts(prompts)
-    negative_embeds = policy.encode_prompts([cfg.negative_prompt] * batch)
+    image_size = cfg.resolution or policy.native_resolution()
+    prompt_embeds = policy.encode_prompts(prompts, image_size)
+    negative_embeds = policy.encode_prompts([cfg.negative_prompt] * batch, image_size)
+    family = policy.family
 
     scheduler = policy.scheduler
     scheduler.set_timesteps(cfg.num_steps, device=device)
@@ -101,14 +105,16 @@ def sample_trajectories(
 
     start = cfg.window_start if window_start is None else window_start
     stochastic = range(start, start + cfg.window_size) if cfg.window_size else range(len(scheduler.timesteps))
+    if deterministic:
+        stochastic, keep_trajectory = range(0), False
     all_latents, all_next, all_logp = [], [], []
     for i, t in enumerate(scheduler.timesteps):
         model_pred = policy.model_pred(latents, t, prompt_embeds, negative_embeds, cfg.guidance_scale)
         if i not in stochastic:
-            latents = ddim_step_deterministic(scheduler, model_pred, t, latents)
+            latents = family.step_deterministic(scheduler, model_pred, t, latents)
             continue
-        next_latents, log_prob = ddim_step_with_logprob(
-            scheduler, model_pred, t, latents, eta=cfg.eta, generator=generators
+        next_latents, log_prob = family.step_with_logprob(
+            scheduler, model_pred, t, latents, cfg, generator=generators
         )
         if keep_trajectory:
             all_latents.append(latents)
@@ -119,7 +125,7 @@ def sample_trajectories(
     images = policy.decode(latents).numpy()
     steps = len(stochastic)
     window_timesteps = scheduler.timesteps[stochastic.start : stochastic.stop]
-    timesteps = window_timesteps.to("cpu", torch.long).unsqueeze(0).expand(batch, steps).clone()
+    timesteps = window_timesteps.to("cpu", family.timestep_dtype).unsqueeze(0).expand(batch, steps).clone()
     if keep_trajectory:
         stacked_latents = torch.stack(all_latents, dim=1)
         stacked_next = torch.stack(all_next, dim=1)

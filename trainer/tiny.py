@@ -158,29 +158,35 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the folder of the cached tiny model, building and saving it on first use.
+    """Return the folder of the cached tiny model, building and saving it on first use."""
+    return ensure_built(TINY_VERSION, build_tiny_pipeline, [sys.executable, "-m", "trainer.tiny"], cache_dir)
+
+
+def ensure_built(version: str, build, command: list[str], cache_dir: Path | None = None) -> Path:
+    """The folder ``<cache>/<version>``, where ``build()``'s pipeline is saved on first use.
 
     Concurrent callers (torchrun ranks, parallel test sessions) serialize on a file lock: one
-    builds, the others wait and load what it saved.
+    builds, the others wait and load what it saved. ``command`` + [folder] builds it in a fresh
+    process (used inside an initialized process group).
     """
     import fcntl
 
-    folder = (cache_dir or default_cache_dir()) / TINY_VERSION
+    folder = (cache_dir or default_cache_dir()) / version
     marker = folder / "ddpo_tiny.json"
     if marker.exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{TINY_VERSION}.lock", "w") as lock:
+    with open(folder.parent / f".{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not marker.exists():
             shutil.rmtree(folder, ignore_errors=True)  # a build interrupted before its marker
             if torch.distributed.is_initialized():
                 # transformers' save_pretrained writes weights only on rank 0 of an initialized
                 # process group: build in a fresh process, outside the group.
-                subprocess.run([sys.executable, "-m", "trainer.tiny", str(folder)], check=True)
+                subprocess.run([*command, str(folder)], check=True)
             else:
-                build_tiny_pipeline().save_pretrained(folder)
-            marker.write_text(json.dumps({"version": TINY_VERSION}))
+                build().save_pretrained(folder)
+            marker.write_text(json.dumps({"version": version}))
     return folder
 
 

@@ -38,7 +38,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import Config
-from trainer.ddim import ddim_step_with_logprob, ddim_transition, gaussian_kl_same_std
+from trainer.ddim import gaussian_kl_same_std
 from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
 from trainer.losses import LossInfo
 from trainer.policy import DiffusionPolicy, resolve_pretrained
@@ -474,8 +474,8 @@ class Trainer:
             with self._grad_sync(boundary and j == num_timesteps - 1):
                 x_t, t_j = latents[:, j], timesteps[:, j]
                 model_pred = policy.model_pred(x_t, t_j, prompt_embeds, negative_embeds, s.guidance_scale)
-                _, log_prob = ddim_step_with_logprob(
-                    policy.scheduler, model_pred, t_j, x_t, eta=s.eta, prev_sample=next_latents[:, j]
+                _, log_prob = policy.family.step_with_logprob(
+                    policy.scheduler, model_pred, t_j, x_t, s, prev_sample=next_latents[:, j]
                 )
                 old = old_log_probs[:, j].to(log_prob.device)
                 loss, info = self.algorithm.step_loss(TrainedStep(log_prob, old, adv, groups))
@@ -491,9 +491,9 @@ class Trainer:
     def _kl_to_reference(self, model_pred, x_t, t_j, prompt_embeds, negative_embeds) -> torch.Tensor:
         """Closed-form KL between this step's Gaussian under the current and the reference policy."""
         s, policy = self.cfg.sample, self.policy
-        mean, std = ddim_transition(policy.scheduler, model_pred, t_j, x_t, s.eta)
+        mean, std = policy.family.transition(policy.scheduler, model_pred, t_j, x_t, s)
         ref_pred = policy.reference_model_pred(x_t, t_j, prompt_embeds, negative_embeds, s.guidance_scale)
-        ref_mean, _ = ddim_transition(policy.scheduler, ref_pred, t_j, x_t, s.eta)
+        ref_mean, _ = policy.family.transition(policy.scheduler, ref_pred, t_j, x_t, s)
         return gaussian_kl_same_std(mean, ref_mean, std)
 
     def _denoising_minibatch(self, samples, idx, weights, num_timesteps, gen, scale, boundary=True) -> float:
