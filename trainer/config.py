@@ -560,6 +560,109 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval_images_per_prompt": 2,
         },
     },
+    # SDXL base 1.0 at its native 1024 px with the DDPO paper's SD v1-4 settings (no DDPO-family
+    # code published SDXL hyperparameters; unmeasured here), per-rank batches halved for memory.
+    **{
+        f"sdxl-{name}": {
+            **_PAPER,
+            "model": {
+                "pretrained": "stabilityai/stable-diffusion-xl-base-1.0",
+                "family": "sdxl",
+                "dtype": "fp16",
+                "gradient_checkpointing": True,
+            },
+            "sample": {**_PAPER["sample"], "batch_size": 4, "num_batches_per_epoch": 8, "resolution": 1024},
+            "train": {**_PAPER["train"], "batch_size": 2, "gradient_accumulation_steps": 8},
+            "advantage": {"buffer_size": 32, "min_count": 16},
+            "reward": {"name": reward},
+            "run": {**_PAPER["run"], "name": f"sdxl-{name}"},
+        }
+        for name, reward in (("compressibility", "jpeg_compressibility"), ("aesthetic", "aesthetic"))
+    },
+    # SD3.5-Medium as Flow-GRPO publishes it (config/grpo.py geneval_sd3, train_sd3.py): 512 px, 10
+    # SDE steps for training (40 for their eval), noise level 0.7, guidance 4.5, group size 24 with
+    # the whole batch's std, KL beta 0.04, LoRA r 32 / alpha 64 on the joint attention, lr 3e-4,
+    # clip 1e-4, timestep fraction 0.99, two optimizer steps per epoch. Flow-GRPO's global batch
+    # (48 groups on 32 GPUs, 9 images per GPU batch) does not fit our "groups inside a sampling
+    # batch" rule: here one group of 24 per sampling batch, 2 batches per rank.
+    **{
+        f"sd3-{name}": {
+            "model": {
+                "pretrained": "stabilityai/stable-diffusion-3.5-medium",
+                "family": "sd3",
+                "dtype": "bf16",
+                "lora_rank": 32,
+                "lora_alpha": 64,
+                "gradient_checkpointing": True,
+            },
+            "sample": {
+                "num_steps": 10,
+                "noise_level": 0.7,
+                "guidance_scale": 4.5,
+                "resolution": 512,
+                "batch_size": 24,
+                "num_batches_per_epoch": 2,
+                "images_per_prompt": 24,
+            },
+            "train": {
+                "algorithm": "grpo",
+                "grpo_std": "global",
+                "kl_beta": 0.04,
+                "learning_rate": 3e-4,
+                "clip_range": 1e-4,
+                "timestep_fraction": 0.99,
+                "batch_size": 8,
+                "gradient_accumulation_steps": 3,
+            },
+            "advantage": {"per_prompt_stat_tracking": False},
+            "reward": {"name": reward},
+            "run": {"name": f"sd3-{name}", "num_epochs": 100, "save_every": 10, "eval_every": 10},
+        }
+        for name, reward in (
+            ("compressibility", "jpeg_compressibility"),
+            ("aesthetic", "aesthetic"),
+            ("alignment", "llava_bertscore"),
+        )
+    },
+    # The tiny SDXL and SD3 of trainer/tiny_families.py: the families' machinery on a CPU.
+    "tiny-sdxl": {
+        "model": {"pretrained": "tiny-sdxl", "family": "sdxl", "dtype": "fp32", "lora_rank": 8},
+        "sample": {
+            "num_steps": 10,
+            "eta": 1.0,
+            "guidance_scale": 5.0,
+            "batch_size": 8,
+            "num_batches_per_epoch": 2,
+        },
+        "train": {
+            "learning_rate": 1e-2,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "clip_range": 0.1,
+        },
+        "advantage": {"buffer_size": 16, "min_count": 8},
+        "reward": {"name": "jpeg_compressibility"},
+        "run": {"name": "tiny-sdxl", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
+    },
+    "tiny-sd3": {
+        "model": {"pretrained": "tiny-sd3", "family": "sd3", "dtype": "fp32", "lora_rank": 8},
+        "sample": {
+            "num_steps": 10,
+            "noise_level": 0.7,
+            "guidance_scale": 4.5,
+            "batch_size": 8,
+            "num_batches_per_epoch": 2,
+        },
+        "train": {
+            "learning_rate": 1e-2,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "clip_range": 0.1,
+        },
+        "advantage": {"buffer_size": 16, "min_count": 8},
+        "reward": {"name": "jpeg_compressibility"},
+        "run": {"name": "tiny-sd3", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
+    },
     # A few minutes on 2 CPU cores: a tiny random SD; shows the machinery, not image quality.
     # LoRA on every conv/attention/feed-forward layer and a large step size, so that a random
     # model moves visibly in ~20 epochs (paper scale uses attention-only rank 4 at 3e-4).
