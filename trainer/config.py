@@ -280,6 +280,11 @@ class RewardConfig(_Section):
     deadline_s: float = Field(
         600.0, gt=0, description="Most seconds one batch may take, queueing and retries included."
     )
+    codec: Literal["binary", "json"] = Field(
+        "binary",
+        description="http/redis: how images travel. 'binary': raw uint8 arrays in one safetensors body "
+        "(no encoding cost); 'json': base64 PNG in JSON (for servers and workers that predate binary).",
+    )
     # --- http ---
     urls: list[str] = Field(
         default_factory=list, description="http: reward server base URLs, e.g. ['http://127.0.0.1:8000']."
