@@ -100,7 +100,7 @@ def sample_trajectories(
         torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in init_generators]).to(
             device
         )
-        * scheduler.init_noise_sigma
+        * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none (x_T is pure noise)
     )
 
     start = cfg.window_start if window_start is None else window_start
