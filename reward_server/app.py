@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +25,8 @@ from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings
+from shared import binary
+from shared.binary import BinaryRequestError, BinaryScoreRequest
 from shared.schemas import ErrorResponse, RewardList, ScoreRequest, ScoreResponse
 
 logger = logging.getLogger(__name__)
@@ -31,12 +34,13 @@ logger = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
-        400: "Unknown reward (the reason lists the valid names).",
+        400: "Unknown reward (the reason lists the valid names), or a binary body that is not "
+        "well-formed safetensors or whose header disagrees with its length (truncated).",
         401: "Missing or wrong bearer token.",
         409: "request_id reused for a different request.",
         413: "Body, image count or image pixels over the limits, or over the whole memory budget.",
-        415: "Content-Type is not application/json.",
-        422: "Malformed request or image.",
+        415: "A CORS-simple Content-Type (text/plain, form, multipart).",
+        422: "Malformed request or image (JSON), or a binary body with the wrong dtype, shape or fields.",
         429: "Overloaded (in-flight limits or memory budget); retry after Retry-After seconds.",
         500: "A scorer failed (reason given).",
         502: "The VLM judge failed (reason given).",
@@ -78,6 +82,90 @@ async def read_body(request: Request, limit: int, reservation: Reservation | Non
         if size is not None and len(body) > size:
             raise ApiError(400, "bad_request", "request body longer than its Content-Length")
     return body
+
+
+# The binary body, as the OpenAPI document describes it (shared/binary.py has the details).
+BINARY_BODY_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "format": "binary",
+    "description": (
+        "A safetensors file: 8-byte little-endian header length L, an L-byte JSON header "
+        '{"__metadata__": {"request_id": str, "reward": str, "prompts": "<JSON list of str>", '
+        '"metadata": "<JSON list of objects>" (optional)}, "images": {"dtype": "U8", '
+        '"shape": [N, H, W, 3], "data_offsets": [0, N*H*W*3]}}, then the N RGB uint8 images, C order. '
+        "Header checked against the limits before the pixels are read: 413 over a limit, 400 when "
+        "not well-formed or its sizes disagree with the body, 422 for another dtype or shape."
+    ),
+}
+
+
+async def read_binary_request(
+    request: Request, service: RewardService, reservation: Reservation
+) -> BinaryScoreRequest:
+    """Stream a binary body: its header is checked against the limits (and Content-Length) as soon as
+    its bytes are in, before the pixels are read; the pixels land in one buffer of the exact size,
+    which the scorers then read in place."""
+    limits = service.binary_limits
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limits.max_body_bytes:
+        raise ApiError(
+            413,
+            "body_too_large",
+            f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}",
+        )
+    if size is not None:
+        reservation.grow(BODY_BYTES_FACTOR * size, f"a body of {size} bytes")
+    head = bytearray()  # the first 8 + L bytes, until the header is checked
+    header: binary.Header | None = None
+    fields = None
+    buffer: np.ndarray | None = None
+    received = 0
+    try:
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            if header is None:
+                if size is None:
+                    reservation.grow(BODY_BYTES_FACTOR * len(chunk), "the body")
+                head += chunk
+                if len(head) < binary.PREFIX_BYTES:
+                    continue
+                needed = binary.PREFIX_BYTES + binary.header_length(head, limits)
+                if len(head) < needed:
+                    continue
+                header = await parse_header(head[:needed], limits)
+                fields = binary.request_fields(header)  # 422 before the pixels are read
+                if size is not None:
+                    binary.check_length(header, size, "Content-Length")
+                else:  # chunked: the header says how long the body is
+                    reservation.grow(BODY_BYTES_FACTOR * header.total_bytes - reservation.held, "the body")
+                buffer = np.empty(header.total_bytes, dtype=np.uint8)
+                chunk = bytes(head)
+                del head[:]
+            assert buffer is not None
+            end = received + len(chunk)
+            if end > buffer.size:
+                raise binary.MalformedBodyError(
+                    f"body is longer than the {buffer.size} bytes its header describes"
+                )
+            buffer[received:end] = np.frombuffer(chunk, dtype=np.uint8)
+            received = end
+        if header is None:  # ended before its header did
+            binary.parse_header(head, limits)
+            raise binary.MalformedBodyError(f"body of {len(head)} bytes ends inside its header (truncated)")
+        binary.check_length(header, received)
+        assert buffer is not None
+        return service.parse_binary(buffer, header, fields)
+    except BinaryRequestError as err:
+        raise ApiError(err.status, err.error, str(err)[:1000]) from None
+
+
+async def parse_header(data: bytearray, limits: binary.Limits) -> binary.Header:
+    """``binary.parse_header``, in a thread when the header is large (prompts and metadata are JSON)."""
+    if len(data) > 256 * 1024:
+        return await asyncio.to_thread(binary.parse_header, bytes(data), limits)
+    return binary.parse_header(data, limits)
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -151,7 +239,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ScoreRequest.model_json_schema()}},
+                "description": "JSON with base64 PNG images, or the same request as a binary "
+                f"safetensors body (Content-Type: {binary.MEDIA_TYPE}): raw uint8 pixels, no encoding.",
+                "content": {
+                    "application/json": {"schema": ScoreRequest.model_json_schema()},
+                    binary.MEDIA_TYPE: {"schema": BINARY_BODY_SCHEMA},
+                },
             }
         },
     )
@@ -168,13 +261,21 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             if media_type in CORS_SIMPLE_TYPES:
                 # A web page can make a browser POST these cross-site without a preflight (CSRF).
                 raise ApiError(
-                    415, "unsupported_media_type", "POST /score needs Content-Type: application/json"
+                    415,
+                    "unsupported_media_type",
+                    f"POST /score needs Content-Type: application/json or {binary.MEDIA_TYPE}",
                 )
-            body = await read_body(request, settings.max_body_bytes, reservation)
-            parsed = await service.aparse(body)
-            # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
-            # the body while it is hashed) fits in the share of the body reserved for parsing.
-            del body
+            parsed: ScoreRequest | BinaryScoreRequest
+            if media_type == binary.MEDIA_TYPE:
+                # The pixels stay in the body's buffer (held by the reservation's 2 x body): the
+                # second share covers the scorers' per-image working copies.
+                parsed = await read_binary_request(request, service, reservation)
+            else:
+                body = await read_body(request, settings.max_body_bytes, reservation)
+                parsed = await service.aparse(body)
+                # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
+                # the body while it is hashed) fits in the share of the body reserved for parsing.
+                del body
             if parsed.reward in service.batchers:
                 label = parsed.reward
             response, replayed = await service.score(parsed, None, reservation)

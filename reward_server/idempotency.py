@@ -23,11 +23,22 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.schemas import ScoreRequest, ScoreResponse
+from shared.binary import BinaryScoreRequest
+from shared.schemas import ScoreFields, ScoreRequest, ScoreResponse
 
 
-def fingerprint(request: ScoreRequest) -> str:
-    """BLAKE2b-128 of the canonical JSON of everything but the request_id (bytes straight from pydantic)."""
+def fingerprint(request: ScoreRequest | BinaryScoreRequest) -> str:
+    """BLAKE2b-128 of the canonical JSON of everything but the request_id (bytes straight from pydantic).
+
+    A binary request: its fields' canonical JSON, its shape, then every pixel byte. The codecs hash
+    differently, so one request_id sent once as JSON and once as binary is a conflict (409).
+    """
+    if isinstance(request, BinaryScoreRequest):
+        digest = hashlib.blake2b(digest_size=16, person=b"ddpo-binary")
+        digest.update(ScoreFields.__pydantic_serializer__.to_json(request.fields, exclude={"request_id"}))
+        digest.update(repr(request.images.shape).encode())
+        digest.update(request.images.data)
+        return digest.hexdigest()
     canonical = ScoreRequest.__pydantic_serializer__.to_json(request, exclude={"request_id"})
     return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 

@@ -25,8 +25,10 @@ from reward_server.png import PngHeader, decode_rgb_png_b64, png_header_b64
 from reward_server.rewards import Scorer, ScoringError, build_scorer
 from reward_server.settings import ServerSettings
 from reward_server.vlm.base import VLMError
+from shared import binary
+from shared.binary import BinaryRequestError, BinaryScoreRequest
 from shared.codec import ImageDecodeError, ImageTooLargeError
-from shared.schemas import ScoreRequest, ScoreResponse
+from shared.schemas import ScoreFields, ScoreRequest, ScoreResponse
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,13 @@ def jsonable(value: Any) -> Any:
 THREAD_PARSE_BYTES = 256 * 1024
 
 
-def decode_images(images: Sequence[str], max_pixels: int, first: int = 0) -> list[np.ndarray]:
-    """Decode base64 PNGs; errors name the position in the request (``first`` = index of images[0])."""
+def decode_images(images: Sequence[str] | np.ndarray, max_pixels: int, first: int = 0) -> list[np.ndarray]:
+    """Decode base64 PNGs; errors name the position in the request (``first`` = index of images[0]).
+
+    Images of a binary request are already arrays (views of its body, checked when it was parsed).
+    """
+    if isinstance(images, np.ndarray):
+        return list(images)
     out = []
     for i, data in enumerate(images, start=first):
         try:
@@ -93,6 +100,10 @@ def image_headers(images: Sequence[str], max_pixels: int) -> list[PngHeader]:
             )
         headers.append(header)
     return headers
+
+
+def api_error(err: BinaryRequestError) -> ApiError:
+    return ApiError(err.status, err.error, str(err)[:MAX_REASON_CHARS])
 
 
 class RewardService:
@@ -175,6 +186,23 @@ class RewardService:
     def _decode_batch(self, images: Sequence[str], first: int) -> list[np.ndarray]:
         return decode_images(images, self.settings.max_image_pixels, first)
 
+    @property
+    def binary_limits(self) -> binary.Limits:
+        s = self.settings
+        return binary.Limits(s.max_images_per_request, s.max_image_pixels, s.max_body_bytes)
+
+    def parse_binary(
+        self,
+        body: bytes | bytearray | memoryview | np.ndarray,
+        header: binary.Header | None = None,
+        fields: ScoreFields | None = None,
+    ) -> BinaryScoreRequest:
+        """A binary (safetensors) body -> request; 400 malformed, 422 invalid, 413 over a limit."""
+        try:
+            return binary.decode(body, self.binary_limits, header, fields)
+        except BinaryRequestError as err:
+            raise api_error(err) from None
+
     def parse(self, body: bytes | bytearray) -> ScoreRequest:
         try:
             return ScoreRequest.model_validate_json(body)
@@ -189,7 +217,7 @@ class RewardService:
 
     async def score(
         self,
-        request: ScoreRequest,
+        request: ScoreRequest | BinaryScoreRequest,
         fp: str | None = None,
         reservation: Reservation | None = None,
     ) -> tuple[ScoreResponse, bool]:
@@ -249,7 +277,9 @@ class RewardService:
             self.idempotency.finish(request.request_id, entry, response)
         return response, False
 
-    async def _score_new(self, request: ScoreRequest, reservation: Reservation) -> ScoreResponse:
+    async def _score_new(
+        self, request: ScoreRequest | BinaryScoreRequest, reservation: Reservation
+    ) -> ScoreResponse:
         n = len(request.images)
         s = self.settings
         if (
@@ -279,18 +309,22 @@ class RewardService:
             self.metrics.inflight_requests.set(self._inflight_requests)
             self.metrics.inflight_images.set(self._inflight_images)
 
-    async def _decode_and_score(self, request: ScoreRequest, reservation: Reservation) -> ScoreResponse:
+    async def _decode_and_score(
+        self, request: ScoreRequest | BinaryScoreRequest, reservation: Reservation
+    ) -> ScoreResponse:
         reward = request.reward
         metadata = request.metadata if request.metadata is not None else [{} for _ in request.images]
         try:
             self.scorers[reward].check_inputs(request.prompts, metadata)
         except ValueError as err:
             raise ApiError(422, "invalid_metadata", str(err)[:MAX_REASON_CHARS]) from None
-        headers = image_headers(request.images, self.settings.max_image_pixels)
-        pixels = sum(h.pixels for h in headers)
-        reservation.grow(
-            DECODED_BYTES_PER_PIXEL * pixels, f"decoding {len(headers)} images of {pixels} pixels"
-        )
+        if isinstance(request, ScoreRequest):
+            headers = image_headers(request.images, self.settings.max_image_pixels)
+            pixels = sum(h.pixels for h in headers)
+            reservation.grow(
+                DECODED_BYTES_PER_PIXEL * pixels, f"decoding {len(headers)} images of {pixels} pixels"
+            )
+        # A binary request's images are views of its body, already reserved (nothing to decode).
         try:
             # Decoded one scorer batch at a time, in the batcher (errors name the image's position).
             outputs = await self.batchers[reward].submit(request.images, request.prompts, metadata)

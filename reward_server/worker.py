@@ -38,12 +38,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from reward_server.budget import BODY_BYTES_FACTOR
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings, describe_settings_error
+from shared.binary import BinaryScoreRequest
 from shared.redis_streams import (
     JOB_FIELD,
+    REQUEST_FIELD,
     STORE_RESULT_LUA,
     connect,
     dead_letter_key,
@@ -51,7 +54,7 @@ from shared.redis_streams import (
     result_key,
     safe_url,
 )
-from shared.schemas import ErrorResponse, RedisJob, RedisResult, ScoreResponse
+from shared.schemas import ErrorResponse, RedisJob, RedisResult, ScoreRequest, ScoreResponse
 
 logger = logging.getLogger("ddpo-reward-worker")
 
@@ -298,56 +301,88 @@ class RewardWorker:
 
     async def handle(self, message_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
         raw = fields.get(JOB_FIELD, b"")
+        body = fields.get(REQUEST_FIELD)  # binary codec: the request, raw pixels (shared/binary.py)
+
+        async def poison(rid: str | None, reply_to: str | None, error: str, reason: str) -> None:
+            await self.poison(message_id, raw, rid, reply_to, error, reason, deliveries, body)
+
         try:
             job = RedisJob.model_validate_json(raw)
         except ValidationError as err:
-            reason = f"undecodable job: {_short_validation(err)}"
             rid, reply_to = _salvage_ids(raw)
-            await self.poison(message_id, raw, rid, reply_to, "invalid_job", reason, deliveries)
+            await poison(rid, reply_to, "invalid_job", f"undecodable job: {_short_validation(err)}")
             return
-        rid = job.request.request_id
+        rid = job.rid
         problem = self.reply_to_problem(job.reply_to)
         if problem is not None:  # never write where the job says unless it is a trainer's reply stream
-            await self.poison(message_id, raw, rid, None, "invalid_reply_to", problem, deliveries)
+            await poison(rid, None, "invalid_reply_to", problem)
             return
         if deliveries > self.settings.max_deliveries:
             reason = (
                 f"delivered {deliveries} times without an answer (it may crash workers); "
                 f"max_deliveries is {self.settings.max_deliveries}"
             )
-            await self.poison(message_id, raw, rid, job.reply_to, "too_many_deliveries", reason, deliveries)
+            await poison(rid, job.reply_to, "too_many_deliveries", reason)
             return
         if job.expires_at is not None and time.time() > job.expires_at:
             logger.info("job %s (request %s) expired before it was scored; dropped", _text(message_id), rid)
             await self.ack(message_id)
             return
-        response, error = await self.score(job)
+        request: ScoreRequest | BinaryScoreRequest
+        if job.request is not None:
+            request = job.request
+        elif body is None:
+            await poison(rid, job.reply_to, "invalid_job", "binary job without its 'request' field")
+            return
+        else:
+            try:  # the same checks as POST /score: 400 malformed, 422 invalid, 413 over a limit
+                request = await asyncio.to_thread(self.service.parse_binary, body)
+            except ApiError as err:
+                await poison(rid, job.reply_to, err.error, f"binary 'request' field: {err.reason}")
+                return
+            if request.request_id != rid:
+                reason = (
+                    f"binary 'request' field is request {request.request_id[:200]!r}, the job says {rid!r}"
+                )
+                await poison(rid, job.reply_to, "invalid_job", reason)
+                return
+        response, error = await self.score(request, len(body) if job.request is None and body else 0)
         if response is not None:
             try:
                 await self.publish(job.reply_to, RedisResult(request_id=rid, ok=True, response=response))
             except ReplyToError as err:
-                await self.poison(message_id, raw, rid, None, "invalid_reply_to", str(err), deliveries)
+                await poison(rid, None, "invalid_reply_to", str(err))
                 return
             await self.ack(message_id)
             return
         assert error is not None
-        await self.poison(message_id, raw, rid, job.reply_to, error.error, error.reason, deliveries)
+        await poison(rid, job.reply_to, error.error, error.reason)
 
-    async def score(self, job: RedisJob) -> tuple[ScoreResponse | None, ErrorResponse | None]:
-        """The service's answer, retrying transient failures a few times (bounded) in this worker."""
+    async def score(
+        self, request: ScoreRequest | BinaryScoreRequest, body_bytes: int = 0
+    ) -> tuple[ScoreResponse | None, ErrorResponse | None]:
+        """The service's answer, retrying transient failures a few times (bounded) in this worker.
+
+        ``body_bytes``: a binary request's body, which its images are views of: reserved against the
+        memory budget like an HTTP body (its pixels need no decoding).
+        """
         attempts = self.settings.score_attempts
         for attempt in range(1, attempts + 1):
             try:
-                response, _replayed = await self.service.score(job.request)
+                with self.service.budget.reservation() as reservation:
+                    reservation.grow(
+                        BODY_BYTES_FACTOR * body_bytes, f"a binary request of {body_bytes} bytes"
+                    )
+                    response, _replayed = await self.service.score(request, None, reservation)
                 return response, None
             except ApiError as err:
-                error = ErrorResponse(error=err.error, reason=err.reason, request_id=job.request.request_id)
+                error = ErrorResponse(error=err.error, reason=err.reason, request_id=request.request_id)
                 if err.status not in TRANSIENT_STATUSES or attempt == attempts:
                     return None, error
                 delay = min(10.0, 0.5 * 2 ** (attempt - 1))
                 logger.warning(
                     "request %s: %s (%s); retry in %.1f s",
-                    job.request.request_id,
+                    request.request_id,
                     err.error,
                     err.reason,
                     delay,
@@ -392,24 +427,31 @@ class RewardWorker:
         error: str,
         reason: str,
         deliveries: int,
+        body: bytes | None = None,
     ) -> None:
-        """Dead-letter the job with its reason, answer the trainer with the error (if known), ack."""
+        """Dead-letter the job with its reason, answer the trainer with the error (if known), ack.
+
+        ``body``: a binary job's ``request`` field; its first 1 MB goes into the dead letter too.
+        """
         s = self.settings
         logger.warning(
             "job %s (request %s) dead-lettered: %s: %s", _text(message_id), request_id, error, reason
         )
+        entry: dict[str, Any] = {
+            "job_id": message_id,
+            "request_id": request_id or "",
+            "error": error,
+            "reason": reason,
+            "consumer": s.consumer,
+            "deliveries": deliveries,
+            "failed_at": time.time(),
+            "job": raw[:MAX_DEAD_LETTER_PAYLOAD],
+        }
+        if body is not None:
+            entry["request"] = body[:MAX_DEAD_LETTER_PAYLOAD]
         await self.redis.xadd(
             self.dead_letter,
-            {
-                "job_id": message_id,
-                "request_id": request_id or "",
-                "error": error,
-                "reason": reason,
-                "consumer": s.consumer,
-                "deliveries": deliveries,
-                "failed_at": time.time(),
-                "job": raw[:MAX_DEAD_LETTER_PAYLOAD],
-            },
+            entry,
             maxlen=s.dead_letter_maxlen,
             approximate=True,
         )
@@ -444,8 +486,9 @@ def _salvage_ids(raw: bytes) -> tuple[str | None, str | None]:
     """request_id and reply_to of a job that does not validate, if they can be read at all."""
     try:
         data = json.loads(raw)
-        rid, reply_to = data["request"]["request_id"], data["reply_to"]
-    except (ValueError, TypeError, KeyError):
+        reply_to = data["reply_to"]
+        rid = data["request_id"] if data.get("request_id") else data["request"]["request_id"]
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None, None
     if isinstance(rid, str) and rid and isinstance(reply_to, str) and reply_to:
         return rid, reply_to

@@ -1,7 +1,8 @@
 """The Redis key layout and connection helper both sides of the ``redis`` transport use.
 
 Keys (``prefix`` and ``stream`` are configurable; docs/transport.md has the full description):
-  <stream>                      job stream, entries {job: RedisJob JSON}; consumer group of the workers
+  <stream>                      job stream, entries {job: RedisJob JSON[, request: binary request]};
+                                consumer group of the workers
   <stream>:dead                 dead-letter stream, entries {job_id, request_id, error, reason, ...}
   <prefix>:result:<request_id>  the one stored RedisResult of a request (SET NX, expires)
   <prefix>:replies:<client_id>  one trainer's reply stream, entries {result: RedisResult JSON}
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 JOB_FIELD = b"job"
+REQUEST_FIELD = b"request"  # binary codec: the request as a safetensors body (shared/binary.py)
 RESULT_FIELD = b"result"
 
 # Store a result once and notify the trainer in the same atomic step: a second worker that scored
@@ -37,11 +39,16 @@ return 0
 
 # Queue a job unless the stream already holds ARGV[2] jobs (workers delete done jobs, so the length
 # is the backlog): check and add in one step, so concurrent submitters cannot overshoot the bound.
-# KEYS: job stream. ARGV: job JSON, max queued jobs. Returns the entry id, or the backlog if full.
+# KEYS: job stream. ARGV: job JSON, max queued jobs, and for the binary codec the binary request
+# (a field of its own: Redis strings are binary-safe, nothing is base64'd).
+# Returns the entry id, or the backlog if full.
 ENQUEUE_JOB_LUA = """
 local queued = redis.call('XLEN', KEYS[1])
 if queued >= tonumber(ARGV[2]) then
   return queued
+end
+if ARGV[3] then
+  return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'request', ARGV[3])
 end
 return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 """

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_REQUEST_ID_LENGTH = 200
 
 
-class ScoreRequest(BaseModel):
-    """Score a batch of images. ``POST /score`` body, and the payload of a Redis job."""
+class ScoreFields(BaseModel):
+    """Everything of a score request but its images (the binary codec carries them as raw pixels)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,12 +26,17 @@ class ScoreRequest(BaseModel):
         description="Caller-chosen id; retrying the same id must not double-count a sample.",
     )
     reward: str = Field(min_length=1, description="Name of the reward, one of `GET /rewards`.")
-    images: list[str] = Field(
-        min_length=1, description="Base64-encoded PNG images, RGB uint8 (lossless on purpose)."
-    )
     prompts: list[str] = Field(description="One prompt per image, same order.")
     metadata: list[dict[str, Any]] | None = Field(
         default=None, description="Optional per-image metadata (e.g. VQA questions), same order."
+    )
+
+
+class ScoreRequest(ScoreFields):
+    """Score a batch of images. ``POST /score`` JSON body, and the payload of a JSON Redis job."""
+
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded PNG images, RGB uint8 (lossless on purpose)."
     )
 
     @model_validator(mode="after")
@@ -95,17 +100,41 @@ REDIS_SCHEMA_VERSION = 1
 
 
 class RedisJob(BaseModel):
-    """One entry of the job stream (field ``job``): a ``ScoreRequest`` plus where to answer."""
+    """One entry of the job stream (field ``job``), plus, for the binary codec, the entry's ``request``
+    field: the request as a binary body (shared/binary.py), its pixels raw, never base64.
+
+    JSON codec: ``request`` holds the ``ScoreRequest``. Binary codec: ``request`` is absent and
+    ``request_id`` names the request (so a worker can answer even when the binary field is corrupt).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     version: int = Field(default=REDIS_SCHEMA_VERSION, description="Envelope schema version.")
-    request: ScoreRequest
+    request: ScoreRequest | None = Field(
+        default=None, description="The request (JSON codec); absent when the entry's binary field holds it."
+    )
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_REQUEST_ID_LENGTH,
+        description="Binary codec: the request_id of the entry's binary `request` field.",
+    )
     reply_to: str = Field(min_length=1, description="Stream the submitting trainer reads its results from.")
     submitted_at: float = Field(description="Unix time the trainer queued the job.")
     expires_at: float | None = Field(
         default=None, description="Unix time after which the trainer no longer waits: skip the work."
     )
+
+    @model_validator(mode="after")
+    def _one_request(self) -> RedisJob:
+        if (self.request is None) == (self.request_id is None):
+            raise ValueError("a job holds either its request (JSON) or the request_id of its binary field")
+        return self
+
+    @property
+    def rid(self) -> str:
+        """The request_id, wherever the request is."""
+        return self.request.request_id if self.request is not None else self.request_id  # type: ignore[return-value]
 
 
 class RedisResult(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from shared import binary
 from shared.codec import encode_png_b64
 from shared.schemas import ScoreRequest, ScoreResponse
 from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
@@ -129,6 +130,26 @@ def build_request(
         prompts=list(prompts),
         metadata=list(metadata) if metadata is not None else None,
     )
+
+
+CODECS = ("binary", "json")
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; valid: {', '.join(CODECS)}")
+    return codec
+
+
+def build_binary_request(
+    request_id: str,
+    reward: str,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]] | None,
+) -> bytes:
+    """The binary body (shared/binary.py): the raw pixels behind a small safetensors header, one copy."""
+    return binary.encode(request_id, reward, images, prompts, metadata)
 
 
 def to_result(response: ScoreResponse, request_id: str, reward: str, batch: int) -> RewardResult:

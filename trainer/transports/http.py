@@ -21,13 +21,16 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
+from shared import binary
 from shared.schemas import ErrorResponse, ScoreResponse
 from trainer.reward_client import RewardResult
 from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,
     backoff_delay,
+    build_binary_request,
     build_request,
+    check_codec,
     parse_retry_after,
     to_result,
 )
@@ -69,12 +72,14 @@ class HttpRewardClient(LoopRewardClient):
         backoff_max_s: float = 10.0,
         max_connections: int = 16,
         load_balancing: str = "least_loaded",
+        codec: str = "binary",
     ):
         if not urls:
             raise ValueError("HttpRewardClient needs at least one server URL")
         if load_balancing not in ("least_loaded", "round_robin"):
             raise ValueError(f"unknown load_balancing {load_balancing!r}")
         self.reward = reward
+        self.codec = check_codec(codec)
         self.urls = [u.rstrip("/") for u in urls]
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
@@ -120,8 +125,7 @@ class HttpRewardClient(LoopRewardClient):
     ) -> RewardResult:
         started = time.monotonic()
         deadline = started + self.deadline_s
-        request = await asyncio.to_thread(build_request, rid, self.reward, images, prompts, metadata)
-        body = request.model_dump_json().encode()
+        body = await asyncio.to_thread(self._encode, rid, images, prompts, metadata)
         failed_url: str | None = None
         last: _Retryable | None = None
         for attempt in range(1, self.max_attempts + 1):
@@ -159,12 +163,21 @@ class HttpRewardClient(LoopRewardClient):
             rid,
         )
 
+    def _encode(
+        self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
+    ) -> bytes:
+        """The request body (runs in a thread: PNG encoding of the JSON codec is the expensive part)."""
+        if self.codec == "binary":
+            return build_binary_request(rid, self.reward, images, prompts, metadata)
+        return build_request(rid, self.reward, images, prompts, metadata).model_dump_json().encode()
+
     async def _attempt(self, url: str, body: bytes, timeout: float) -> ScoreResponse:
         endpoint = f"{url}/score"
+        media_type = binary.MEDIA_TYPE if self.codec == "binary" else "application/json"
         self._inflight[url] += 1
         try:
             response = await self._client.post(
-                endpoint, content=body, headers={"Content-Type": "application/json"}, timeout=timeout
+                endpoint, content=body, headers={"Content-Type": media_type}, timeout=timeout
             )
         except httpx.ConnectError as err:
             refused = _caused_by(err, ConnectionRefusedError)
@@ -237,4 +250,5 @@ def http_client_from_config(cfg: Any, urls: Sequence[str] | None = None) -> Http
         backoff_max_s=cfg.backoff_max_s,
         max_connections=cfg.max_connections,
         load_balancing=cfg.load_balancing,
+        codec=getattr(cfg, "codec", "binary"),
     )

@@ -26,7 +26,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.redis_streams import ENQUEUE_JOB_LUA, RESULT_FIELD, connect, reply_stream_key, safe_url
 from shared.schemas import RedisJob, RedisResult
 from trainer.reward_client import RewardResult
-from trainer.transports.base import BackgroundLoop, LoopRewardClient, backoff_delay, build_request, to_result
+from trainer.transports.base import (
+    BackgroundLoop,
+    LoopRewardClient,
+    backoff_delay,
+    build_binary_request,
+    build_request,
+    check_codec,
+    to_result,
+)
 from trainer.transports.errors import RewardDeadlineError, RewardError, RewardRejectedError
 
 log = logging.getLogger(__name__)
@@ -48,8 +56,10 @@ class RedisRewardClient(LoopRewardClient):
         prefix: str = "ddpo:rewards",
         deadline_s: float = 600.0,
         max_queued_jobs: int = 10000,
+        codec: str = "binary",
     ):
         self.reward = reward
+        self.codec = check_codec(codec)
         self.redis_url = redis_url
         self.stream, self.group, self.prefix = stream, group, prefix
         self.deadline_s = deadline_s
@@ -101,15 +111,11 @@ class RedisRewardClient(LoopRewardClient):
         self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
     ) -> RewardResult:
         deadline = time.monotonic() + self.deadline_s
-        request = await asyncio.to_thread(build_request, rid, self.reward, images, prompts, metadata)
-        now = time.time()
-        job = RedisJob(
-            request=request, reply_to=self.reply_stream, submitted_at=now, expires_at=now + self.deadline_s
-        )
+        fields = await asyncio.to_thread(self._encode, rid, images, prompts, metadata)
         waiter: asyncio.Future[RedisResult] = asyncio.get_running_loop().create_future()
         self._pending[rid] = waiter  # before XADD: a fast worker may answer at once
         try:
-            await self._enqueue(rid, job.model_dump_json().encode(), deadline)
+            await self._enqueue(rid, fields, deadline)
             try:
                 result = await asyncio.wait_for(waiter, timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -127,14 +133,30 @@ class RedisRewardClient(LoopRewardClient):
             code=result.error.error,
         )
 
-    async def _enqueue(self, rid: str, payload: bytes, deadline: float) -> None:
+    def _encode(
+        self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
+    ) -> list[bytes]:
+        """The entry's fields: the job JSON, and for the binary codec the binary request (no base64)."""
+        now = time.time()
+        expires = now + self.deadline_s
+        if self.codec == "binary":
+            body = build_binary_request(rid, self.reward, images, prompts, metadata)
+            job = RedisJob(request_id=rid, reply_to=self.reply_stream, submitted_at=now, expires_at=expires)
+            return [job.model_dump_json(exclude_none=True).encode(), body]
+        request = build_request(rid, self.reward, images, prompts, metadata)
+        job = RedisJob(request=request, reply_to=self.reply_stream, submitted_at=now, expires_at=expires)
+        return [job.model_dump_json(exclude_none=True).encode()]
+
+    async def _enqueue(self, rid: str, fields: list[bytes], deadline: float) -> None:
         """XADD the job; wait while the stream is full or Redis is unreachable, up to the deadline."""
         attempt = 0
         while True:
             attempt += 1
             problem = ""
             try:
-                added = await self._enqueue_job(keys=[self.stream], args=[payload, self.max_queued_jobs])
+                added = await self._enqueue_job(
+                    keys=[self.stream], args=[fields[0], self.max_queued_jobs, *fields[1:]]
+                )
                 if not isinstance(added, int):
                     return
                 problem = f"job stream {self.stream} full ({added} jobs queued)"
@@ -209,4 +231,5 @@ def redis_client_from_config(cfg: Any) -> RedisRewardClient:
         prefix=cfg.redis_prefix,
         deadline_s=cfg.deadline_s,
         max_queued_jobs=cfg.redis_max_queued_jobs,
+        codec=getattr(cfg, "codec", "binary"),
     )
