@@ -270,8 +270,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 # The pixels stay in the body's buffer (held by the reservation's 2 x body): the
                 # second share covers the scorers' per-image working copies.
                 parsed = await read_binary_request(request, service, reservation)
+                metrics.body_bytes.labels("binary").inc(parsed.body_bytes)
             else:
                 body = await read_body(request, settings.max_body_bytes, reservation)
+                metrics.body_bytes.labels("json").inc(len(body))
                 parsed = await service.aparse(body)
                 # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
                 # the body while it is hashed) fits in the share of the body reserved for parsing.

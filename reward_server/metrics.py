@@ -20,6 +20,12 @@ class ServerMetrics:
             ["reward", "status"],
             registry=r,
         )
+        self.body_bytes = Counter(
+            "ddpo_reward_body_bytes",
+            "Request body bytes read by POST /score, by codec (json: base64 PNG; binary: safetensors).",
+            ["codec"],
+            registry=r,
+        )
         self.replays = Counter(
             "ddpo_reward_idempotent_replays",
             "Requests answered from the idempotency cache (a retried request_id, not re-scored).",

@@ -127,6 +127,7 @@ class BinaryScoreRequest:
 
     fields: ScoreFields
     images: np.ndarray  # N x H x W x 3 uint8
+    body_bytes: int = 0  # the whole body's length
 
     @property
     def request_id(self) -> str:
@@ -339,4 +340,4 @@ def decode(
     if fields is None:
         fields = request_fields(header)
     images = np.frombuffer(view, dtype=np.uint8, count=header.data_bytes, offset=header.data_start)
-    return BinaryScoreRequest(fields, images.reshape(header.shape))
+    return BinaryScoreRequest(fields, images.reshape(header.shape), len(view))

@@ -242,3 +242,102 @@ def test_close_is_prompt_and_clean(redis_server: RedisServer, capfd):
     client.close()
     assert time.monotonic() - started < 10
     assert "Task was destroyed but it is pending" not in capfd.readouterr().err
+
+
+# --- the binary codec -----------------------------------------------------------------------------
+
+
+def test_binary_jobs_carry_raw_pixels_and_score_like_json(reward_workers: Workers, redis_server: RedisServer):
+    r = redis_server.client()
+    batches = [batch(40 + i, n) for i, n in enumerate([1, 3, 2])]
+    rewards = {}
+    for codec in ("binary", "json"):
+        with RedisRewardClient(
+            "jpeg_compressibility", redis_server.url, deadline_s=60, codec=codec
+        ) as client:
+            futures = [
+                client.submit(b, PROMPTS[: len(b)], request_id=f"{codec}-{i}") for i, b in enumerate(batches)
+            ]
+            if codec == "binary":  # no worker yet: look at the queued entries
+                wait_for(lambda: r.xlen("ddpo:rewards:jobs") == 3, 10, "three queued jobs")
+                entries = [fields for _, fields in r.xrange("ddpo:rewards:jobs")]
+                for fields in entries:
+                    assert set(fields) == {b"job", b"request"}
+                    job = json.loads(fields[b"job"])
+                    assert "request" not in job and job["request_id"].startswith("binary-")
+                    b = batches[int(job["request_id"].split("-")[1])]
+                    assert fields[b"request"].endswith(b.tobytes())  # the raw pixels, no base64
+                    assert len(fields[b"request"]) < b.nbytes + 512
+                reward_workers.start("w1")
+            rewards[codec] = [f.result(timeout=60) for f in futures]
+    for by_binary, by_json, b in zip(rewards["binary"], rewards["json"], batches, strict=True):
+        np.testing.assert_array_equal(by_binary.rewards, by_json.rewards)
+        np.testing.assert_array_equal(by_binary.rewards, expected(b))
+        assert by_binary.details == by_json.details
+
+
+def binary_field(
+    rid: str, images: np.ndarray, dtype: str | None = None, shape: list[int] | None = None
+) -> bytes:
+    """A binary request whose header may lie about the dtype or shape (its length prefix kept right)."""
+    import struct
+
+    from shared import binary
+
+    body = binary.encode(rid, "jpeg_compressibility", images, PROMPTS[: len(images)])
+    (length,) = struct.unpack("<Q", body[:8])
+    header = json.loads(body[8 : 8 + length])
+    header["images"]["dtype"] = dtype or header["images"]["dtype"]
+    header["images"]["shape"] = shape or header["images"]["shape"]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body[8 + length :]
+
+
+def test_corrupt_binary_jobs_are_dead_lettered_with_the_reason(
+    reward_workers: Workers, redis_server: RedisServer
+):
+    reward_workers.start("w1")
+    r = redis_server.client()
+    images = batch(5, 2)
+    cases = {  # request_id -> (binary field or None, error, words in the reason)
+        "truncated": (binary_field("truncated", images)[:-100], "malformed_body", "truncated"),
+        "float32": (binary_field("float32", images, dtype="F32"), "invalid_image", "dtype F32"),
+        "huge": (
+            binary_field("huge", images, shape=[2, 99999, 99999, 3]),
+            "image_too_large",
+            "over the limit",
+        ),
+        "negative": (
+            binary_field("negative", images, shape=[-2, 24, 24, 3]),
+            "invalid_image",
+            "[-2, 24, 24, 3]",
+        ),
+        "garbage": (b"\x00" * 3, "malformed_body", "too short"),
+        "no-field": (None, "invalid_job", "without its 'request' field"),
+        "other-id": (binary_field("x", images), "invalid_job", "request 'x', the job says 'other-id'"),
+    }
+    reply_to = "ddpo:rewards:replies:corrupt"
+    for rid, (field, _, _) in cases.items():
+        job = RedisJob(request_id=rid, reply_to=reply_to, submitted_at=time.time())
+        entry = {"job": job.model_dump_json(exclude_none=True)}
+        if field is not None:
+            entry["request"] = field
+        r.xadd("ddpo:rewards:jobs", entry)
+    wait_for(lambda: r.xlen("ddpo:rewards:jobs:dead") == len(cases), 30, "the dead letters")
+    dead = {f[b"request_id"].decode(): f for _, f in r.xrange("ddpo:rewards:jobs:dead")}
+    replies = {}
+    for _, fields in r.xrange(reply_to):
+        result = json.loads(fields[b"result"])
+        replies[result["request_id"]] = result
+    for rid, (field, error, words) in cases.items():
+        assert dead[rid][b"error"].decode() == error, (rid, dead[rid])
+        assert words in dead[rid][b"reason"].decode(), (rid, dead[rid][b"reason"])
+        if field is not None:
+            assert dead[rid][b"request"] == field  # kept for a person to look at (first 1 MB)
+        # The trainer is answered at once with the reason, not left to its deadline.
+        assert replies[rid]["ok"] is False and words in replies[rid]["error"]["reason"]
+    wait_for(lambda: r.xpending("ddpo:rewards:jobs", "reward-workers")["pending"] == 0, 10, "acks")
+    # The worker is healthy afterwards.
+    with RedisRewardClient("jpeg_compressibility", redis_server.url, deadline_s=30) as client:
+        b = batch(6)
+        np.testing.assert_array_equal(client.submit(b, PROMPTS).result(timeout=30).rewards, expected(b))
