@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reward_server.budget import BODY_BYTES_FACTOR, Reservation
 from reward_server.errors import ApiError
+from reward_server.idempotency import binary_digest
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings
@@ -101,10 +102,14 @@ BINARY_BODY_SCHEMA: dict[str, Any] = {
 
 async def read_binary_request(
     request: Request, service: RewardService, reservation: Reservation
-) -> BinaryScoreRequest:
-    """Stream a binary body: its header is checked against the limits (and Content-Length) as soon as
-    its bytes are in, before the pixels are read; the pixels land in one buffer of the exact size,
-    which the scorers then read in place."""
+) -> tuple[BinaryScoreRequest, str | None]:
+    """Stream a binary body; returns the request and its idempotency fingerprint (None if disabled).
+
+    Its header is checked against the limits (and Content-Length) as soon as its bytes are in,
+    before the pixels are read; the pixels land in one buffer of the exact size, which the scorers
+    then read in place, and are hashed chunk by chunk as they arrive (while still in the CPU cache:
+    cheaper than a second pass over the whole body, and the fingerprint is ready with the body).
+    """
     limits = service.binary_limits
     declared = request.headers.get("content-length")
     size = int(declared) if declared is not None and declared.isdigit() else None
@@ -120,6 +125,7 @@ async def read_binary_request(
     header: binary.Header | None = None
     fields = None
     buffer: np.ndarray | None = None
+    digest = None
     received = 0
     try:
         async for chunk in request.stream():
@@ -141,6 +147,8 @@ async def read_binary_request(
                 else:  # chunked: the header says how long the body is
                     reservation.grow(BODY_BYTES_FACTOR * header.total_bytes - reservation.held, "the body")
                 buffer = np.empty(header.total_bytes, dtype=np.uint8)
+                if service.idempotency.enabled:
+                    digest = binary_digest(fields, header.shape)
                 chunk = bytes(head)
                 del head[:]
             assert buffer is not None
@@ -150,13 +158,16 @@ async def read_binary_request(
                     f"body is longer than the {buffer.size} bytes its header describes"
                 )
             buffer[received:end] = np.frombuffer(chunk, dtype=np.uint8)
+            if digest is not None:
+                digest.update(buffer[max(received, header.data_start) : end])
             received = end
         if header is None:  # ended before its header did
             binary.parse_header(head, limits)
             raise binary.MalformedBodyError(f"body of {len(head)} bytes ends inside its header (truncated)")
         binary.check_length(header, received)
         assert buffer is not None
-        return service.parse_binary(buffer, header, fields)
+        parsed = service.parse_binary(buffer, header, fields)
+        return parsed, digest.hexdigest()[:32] if digest is not None else None
     except BinaryRequestError as err:
         raise ApiError(err.status, err.error, str(err)[:1000]) from None
 
@@ -266,10 +277,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                     f"POST /score needs Content-Type: application/json or {binary.MEDIA_TYPE}",
                 )
             parsed: ScoreRequest | BinaryScoreRequest
+            fp: str | None = None
             if media_type == binary.MEDIA_TYPE:
                 # The pixels stay in the body's buffer (held by the reservation's 2 x body): the
                 # second share covers the scorers' per-image working copies.
-                parsed = await read_binary_request(request, service, reservation)
+                parsed, fp = await read_binary_request(request, service, reservation)
                 metrics.body_bytes.labels("binary").inc(parsed.body_bytes)
             else:
                 body = await read_body(request, settings.max_body_bytes, reservation)
@@ -280,7 +292,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 del body
             if parsed.reward in service.batchers:
                 label = parsed.reward
-            response, replayed = await service.score(parsed, None, reservation)
+            response, replayed = await service.score(parsed, fp, reservation)
             status = 200
             if replayed:
                 metrics.replays.labels(label).inc()

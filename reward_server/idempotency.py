@@ -5,12 +5,12 @@ retry waits for it (it does not score again); once it succeeds, retries get the 
 Errors are not stored: a retry after a 429/5xx is scored afresh. A request_id reused with a
 different payload is a client bug and is refused (409).
 
-The fingerprint covers the full content: a BLAKE2b hash of the canonical body (the request as
+The fingerprint covers the full content: a SHA-256 hash of the canonical body (the request as
 pydantic serializes it, every image byte included, without the request_id). Any change to any
 byte of any image (an extra PNG chunk, other pixels of the same length), prompt or metadata value
 gives another fingerprint, so a reused request_id is refused (409), never answered with the stale
 reward of another request. Hashing runs at about 1 GB/s and releases the GIL; the server runs it in
-a worker thread for large requests. The same request serialized with other whitespace or key
+a worker thread, while the request is scored. The same request serialized with other whitespace or key
 order hashes the same (it is parsed first); metadata keys in another order do not (409, safe).
 """
 
@@ -28,28 +28,40 @@ from shared.schemas import ScoreFields, ScoreRequest, ScoreResponse
 
 
 def fingerprint(request: ScoreRequest | BinaryScoreRequest) -> str:
-    """BLAKE2b-128 of the canonical JSON of everything but the request_id (bytes straight from pydantic).
+    """SHA-256 (first 128 bits) of the canonical JSON of everything but the request_id (bytes straight
+    from pydantic). SHA-256 rather than BLAKE2b: 1.5x faster here (SHA-NI), 0.95 vs 0.63 GB/s.
 
     A binary request: its fields' canonical JSON, its shape, then every pixel byte. The codecs hash
     differently, so one request_id sent once as JSON and once as binary is a conflict (409).
     """
     if isinstance(request, BinaryScoreRequest):
-        digest = hashlib.blake2b(digest_size=16, person=b"ddpo-binary")
-        digest.update(ScoreFields.__pydantic_serializer__.to_json(request.fields, exclude={"request_id"}))
-        digest.update(repr(request.images.shape).encode())
+        digest = binary_digest(request.fields, request.images.shape)
         digest.update(request.images.data)
-        return digest.hexdigest()
+        return digest.hexdigest()[:32]
     canonical = ScoreRequest.__pydantic_serializer__.to_json(request, exclude={"request_id"})
-    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def binary_digest(fields: ScoreFields, shape: tuple[int, ...]) -> Any:
+    """A binary request's hash before its pixels: feed it the pixel bytes in order, then
+    ``hexdigest()[:32]`` is ``fingerprint(request)`` (the server hashes while the body streams in)."""
+    digest = hashlib.sha256(b"ddpo-binary\0")
+    digest.update(ScoreFields.__pydantic_serializer__.to_json(fields, exclude={"request_id"}))
+    digest.update(repr(tuple(shape)).encode() + b"\0")
+    return digest
 
 
 @dataclass
 class Entry:
-    fingerprint: str
+    fingerprint: asyncio.Future[str]  # being hashed while the first attempt is scored
     done: asyncio.Event = field(default_factory=asyncio.Event)
     response: ScoreResponse | None = None
     error: BaseException | None = None
     finished_at: float = 0.0
+
+    async def fingerprint_value(self) -> str:
+        """The first attempt's fingerprint (waits while it is still being hashed)."""
+        return await asyncio.shield(self.fingerprint)
 
 
 class IdempotencyCache:
@@ -74,9 +86,13 @@ class IdempotencyCache:
         self._entries.move_to_end(request_id)
         return entry
 
-    def begin(self, request_id: str, fp: str) -> Entry | None:
-        """Register an in-flight request; None when the cache is disabled."""
-        if self.max_entries == 0:
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0
+
+    def begin(self, request_id: str, fp: asyncio.Future[str] | None) -> Entry | None:
+        """Register an in-flight request and its fingerprint (being hashed); None when disabled."""
+        if not self.enabled or fp is None:
             return None
         entry = Entry(fingerprint=fp)
         self._entries[request_id] = entry

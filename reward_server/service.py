@@ -102,6 +102,10 @@ def image_headers(images: Sequence[str], max_pixels: int) -> list[PngHeader]:
     return headers
 
 
+async def _done(value: str) -> str:
+    return value
+
+
 def api_error(err: BinaryRequestError) -> ApiError:
     return ApiError(err.status, err.error, str(err)[:MAX_REASON_CHARS])
 
@@ -246,11 +250,11 @@ class RewardService:
                 request_id=request.request_id,
             )
 
-        if fp is None:
-            fp = await asyncio.to_thread(fingerprint, request)  # hashes every byte: off the event loop
         entry = self.idempotency.get(request.request_id)
         if entry is not None:
-            if entry.fingerprint != fp:
+            if fp is None:
+                fp = await asyncio.to_thread(fingerprint, request)  # hashes every byte: off the event loop
+            if await entry.fingerprint_value() != fp:
                 raise ApiError(
                     409,
                     "request_id_conflict",
@@ -266,13 +270,25 @@ class RewardService:
                 500, "internal_error", "the original attempt failed", request_id=request.request_id
             )
 
-        entry = self.idempotency.begin(request.request_id, fp)
+        # A new request_id: its fingerprint is hashed in a thread while the request is scored (the
+        # hash of a 25 MB body costs about as much as scoring it with a cheap reward); a retry that
+        # arrives meanwhile waits for it. The request ends only once the hash is done, so its body
+        # never outlives its memory reservation.
+        hashing: asyncio.Future[str] | None = None
+        if self.idempotency.enabled:
+            hashing = asyncio.ensure_future(
+                asyncio.to_thread(fingerprint, request) if fp is None else _done(fp)
+            )
+        entry = self.idempotency.begin(request.request_id, hashing)
         try:
             response = await self._score_new(request, reservation)
         except BaseException as err:
             if entry is not None:
                 self.idempotency.fail(request.request_id, entry, err)
             raise
+        finally:
+            if hashing is not None:
+                await asyncio.wait({hashing})
         if entry is not None:
             self.idempotency.finish(request.request_id, entry, response)
         return response, False

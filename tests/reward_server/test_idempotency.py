@@ -130,3 +130,35 @@ def test_fingerprint_ignores_only_the_request_id_and_formatting():
         ("images", [image[:-4] + "AAA="]),
     ]:
         assert fingerprint(ScoreRequest(**{**base, field: value})) != fingerprint(ScoreRequest(**base)), field
+
+
+def test_binary_fingerprint_streamed_in_chunks_is_the_fingerprint():
+    """The server hashes a binary body's pixels chunk by chunk as they arrive: same value, any split."""
+    from reward_server.idempotency import binary_digest
+    from shared import binary
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 20, 30, 3), dtype=np.uint8)
+    limits = binary.Limits(8, 4096, 1 << 20)
+    body = binary.encode("rid", "jpeg_compressibility", images, ["a", "b", "c"], [{"q": 1}, {}, {}])
+    request = binary.decode(body, limits)
+    whole = fingerprint(request)
+    for cuts in (1, 7, 100):
+        digest = binary_digest(request.fields, request.images.shape)
+        pixels = images.tobytes()
+        for piece in np.array_split(np.frombuffer(pixels, np.uint8), cuts):
+            digest.update(piece)
+        assert digest.hexdigest()[:32] == whole
+    other = images.copy()
+    other[2, 19, 29, 2] ^= 1
+    assert (
+        fingerprint(
+            binary.decode(
+                binary.encode("rid", "jpeg_compressibility", other, ["a", "b", "c"], [{"q": 1}, {}, {}]),
+                limits,
+            )
+        )
+        != whole
+    )
+    renamed = binary.encode("other-id", "jpeg_compressibility", images, ["a", "b", "c"], [{"q": 1}, {}, {}])
+    assert fingerprint(binary.decode(renamed, limits)) == whole  # only the request_id is left out
