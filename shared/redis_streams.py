@@ -37,22 +37,6 @@ end
 return 0
 """
 
-# Queue a job unless the stream already holds ARGV[2] jobs (workers delete done jobs, so the length
-# is the backlog): check and add in one step, so concurrent submitters cannot overshoot the bound.
-# KEYS: job stream. ARGV: job JSON, max queued jobs, and for the binary codec the binary request
-# (a field of its own: Redis strings are binary-safe, nothing is base64'd).
-# Returns the entry id, or the backlog if full.
-ENQUEUE_JOB_LUA = """
-local queued = redis.call('XLEN', KEYS[1])
-if queued >= tonumber(ARGV[2]) then
-  return queued
-end
-if ARGV[3] then
-  return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1], 'request', ARGV[3])
-end
-return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-"""
-
 
 def result_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:result:{request_id}"

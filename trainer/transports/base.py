@@ -71,6 +71,8 @@ class LoopRewardClient(RewardClient):
 
     _loop: BackgroundLoop
     _closed: bool
+    codec: str = "json"
+    reward: str
 
     def submit(
         self,
@@ -83,15 +85,24 @@ class LoopRewardClient(RewardClient):
             raise RuntimeError("the reward client is closed")
         check_images(images, prompts)
         rid = request_id or new_request_id()
-        return self._loop.submit(self._score(rid, images.copy(), list(prompts), metadata))
+        # A snapshot, so the caller may reuse its array at once. Binary: the body itself (one copy
+        # of the pixels behind a small header, as cheap as the copy); JSON: PNG-encoded later, off
+        # this thread.
+        payload: np.ndarray | bytes
+        if self.codec == "binary":
+            payload = build_binary_request(rid, self.reward, images, prompts, metadata)
+        else:
+            payload = images.copy()
+        return self._loop.submit(self._score(rid, payload, list(prompts), metadata))
 
     async def _score(
         self,
         request_id: str,
-        images: np.ndarray,
+        payload: np.ndarray | bytes,
         prompts: list[str],
         metadata: Sequence[dict[str, Any]] | None,
     ) -> RewardResult:
+        """``payload``: the binary body (codec 'binary') or a copy of the images (codec 'json')."""
         raise NotImplementedError
 
 

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -28,7 +28,6 @@ from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,
     backoff_delay,
-    build_binary_request,
     build_request,
     check_codec,
     parse_retry_after,
@@ -121,11 +120,18 @@ class HttpRewardClient(LoopRewardClient):
         return min(rotated, key=lambda u: self._inflight[u])
 
     async def _score(
-        self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
+        self,
+        rid: str,
+        payload: np.ndarray | bytes,
+        prompts: list[str],
+        metadata: Sequence[dict[str, Any]] | None,
     ) -> RewardResult:
         started = time.monotonic()
         deadline = started + self.deadline_s
-        body = await asyncio.to_thread(self._encode, rid, images, prompts, metadata)
+        if isinstance(payload, bytes):
+            body = payload
+        else:  # PNG encoding is the expensive part: a thread
+            body = await asyncio.to_thread(self._encode_json, rid, payload, prompts, metadata)
         failed_url: str | None = None
         last: _Retryable | None = None
         for attempt in range(1, self.max_attempts + 1):
@@ -163,12 +169,9 @@ class HttpRewardClient(LoopRewardClient):
             rid,
         )
 
-    def _encode(
+    def _encode_json(
         self, rid: str, images: np.ndarray, prompts: list[str], metadata: Sequence[dict[str, Any]] | None
     ) -> bytes:
-        """The request body (runs in a thread: PNG encoding of the JSON codec is the expensive part)."""
-        if self.codec == "binary":
-            return build_binary_request(rid, self.reward, images, prompts, metadata)
         return build_request(rid, self.reward, images, prompts, metadata).model_dump_json().encode()
 
     async def _attempt(self, url: str, body: bytes, timeout: float) -> ScoreResponse:
@@ -176,8 +179,9 @@ class HttpRewardClient(LoopRewardClient):
         media_type = binary.MEDIA_TYPE if self.codec == "binary" else "application/json"
         self._inflight[url] += 1
         try:
+            headers = {"Content-Type": media_type, "Content-Length": str(len(body))}
             response = await self._client.post(
-                endpoint, content=body, headers={"Content-Type": media_type}, timeout=timeout
+                endpoint, content=_pieces(body), headers=headers, timeout=timeout
             )
         except httpx.ConnectError as err:
             refused = _caused_by(err, ConnectionRefusedError)
@@ -206,6 +210,18 @@ class HttpRewardClient(LoopRewardClient):
             status=response.status_code,
             code=error,
         )
+
+
+SEND_PIECE_BYTES = 256 * 1024
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes]:
+    """The body in 256 kB pieces, with its Content-Length set (not chunked encoding): asyncio's
+    transport (Python < 3.12) copies whatever the socket does not take at once into its own buffer;
+    handed a 25 MB body in one piece it copies nearly all of it, in pieces the socket takes them."""
+    view = memoryview(body)
+    for start in range(0, len(view), SEND_PIECE_BYTES):
+        yield view[start : start + SEND_PIECE_BYTES]  # type: ignore[misc]
 
 
 def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
