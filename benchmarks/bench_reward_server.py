@@ -82,6 +82,11 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+# Extra ddpo-reward-server flags for the JPEG servers and workers (--server-flags), e.g. to measure
+# what the idempotency fingerprint costs: --server-flags="--idempotency-cache-size 0".
+SERVER_FLAGS: list[str] = []
+
+
 def reward_server(port: int, *flags: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "reward_server.cli", "--port", str(port), "--log-level", "warning", *flags]
     return start(cmd, f"http://127.0.0.1:{port}/readyz")
@@ -173,7 +178,9 @@ def bench_jpeg(rounds: int, batch: int, size: int, repeats: int) -> None:
         ),
     }
     port = free_port()
-    proc = reward_server(port, "--rewards", "jpeg_compressibility", "--max-batch-size", str(batch))
+    proc = reward_server(
+        port, "--rewards", "jpeg_compressibility", "--max-batch-size", str(batch), *SERVER_FLAGS
+    )
     url = f"http://127.0.0.1:{port}/score"
     sizes = {}
     try:
@@ -236,7 +243,7 @@ def start_redis_and_worker(batch: int, concurrency: int) -> tuple[str, list[subp
         [
             sys.executable, "-m", "reward_server.worker", "--redis-url", url,
             "--rewards", "jpeg_compressibility", "--max-batch-size", str(batch),
-            "--concurrency", str(concurrency), "--log-level", "warning",
+            "--concurrency", str(concurrency), "--log-level", "warning", *SERVER_FLAGS,
         ],
         cwd=ROOT,
         env=server_env(),
@@ -264,7 +271,11 @@ def bench_clients(rounds: int, batch: int, size: int, inflight: int, repeats: in
         return n * batch / (time.perf_counter() - t)
 
     port = free_port()
-    processes = [reward_server(port, "--rewards", "jpeg_compressibility", "--max-batch-size", str(batch))]
+    processes = [
+        reward_server(
+            port, "--rewards", "jpeg_compressibility", "--max-batch-size", str(batch), *SERVER_FLAGS
+        )
+    ]
     clients = []
     try:
         redis_url, more = start_redis_and_worker(batch, max(2, inflight))
@@ -361,11 +372,13 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=2, help="batches in flight per trainer client")
     parser.add_argument("--only", default="jpeg,clients,vlm", help="comma-separated parts to run")
     parser.add_argument("--repeats", type=int, default=3, help="JPEG rows: measurements per row, in turn")
+    parser.add_argument("--server-flags", default="", help="extra flags of the JPEG servers and workers")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    SERVER_FLAGS.extend(args.server_flags.split())
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-        f"uvicorn HTTP parser: {http_parser()}"
+        f"uvicorn HTTP parser: {http_parser()}, server flags: {' '.join(SERVER_FLAGS) or 'none'}"
     )
     if "jpeg" in parts:
         bench_jpeg(args.rounds, batch=32, size=512, repeats=args.repeats)

@@ -185,3 +185,134 @@ def test_hostile_requests_stay_within_the_memory_budget(server, tmp_path):
     # also waits for CPU on this shared 2-core machine; a blocked loop would show seconds.
     assert np.percentile(health, 95) < 0.1 and health.max() < 1.0
     assert os.path.exists(f"/proc/{pid}")
+
+
+def binary_request(rid: str, n: int, side: int = 512, reward: str = "test_slow_jpeg", seed: int = 0) -> bytes:
+    from shared import binary
+
+    images = np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    return binary.encode(rid, reward, images, ["p"] * n)
+
+
+def lying_header(shape: list[int], dtype: str = "U8") -> bytes:
+    """A binary header claiming ``shape`` (its pixels are not sent, or not all)."""
+    import struct
+
+    size = int(np.prod(shape))
+    header = {
+        "__metadata__": {
+            "request_id": f"lie-{uuid_hex()}",
+            "reward": "test_slow_jpeg",
+            "prompts": json.dumps(["p"] * shape[0]),
+        },
+        "images": {"dtype": dtype, "shape": shape, "data_offsets": [0, size]},
+    }
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+def uuid_hex() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def raw_post(
+    base: str, head: bytes, content_length: int, body: bytes, close_early: bool
+) -> tuple[str, object, str]:
+    """POST over a raw socket: send ``body`` (maybe less than Content-Length), then read or hang up."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
+            + f"Content-Length: {content_length}\r\n\r\n".encode()
+            + head
+            + body
+        )
+        if close_early:  # a client that dies mid-body: nothing to answer
+            return "hung-up", "-", ""
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split()[1]) if data else "closed"
+    payload = data.partition(b"\r\n\r\n")[2]
+    error = json.loads(payload[payload.index(b"{") :]).get("error", "") if b"{" in payload else ""
+    return "raw", status, error
+
+
+def test_hostile_binary_requests_stay_within_the_memory_budget(server, tmp_path):
+    """Binary bodies: headers that lie about their size, bodies cut short or chunked, other dtypes,
+    and more valid pixels than the budget holds, 60 at once: 4xx/429/200 only, RSS under the budget."""
+    base, pid = server
+    headers = {"content-type": "application/x-safetensors"}
+    warm = httpx.post(base + "/score", content=binary_request("warm-bin", 8), headers=headers, timeout=60)
+    assert warm.status_code == 200, warm.text
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    baseline = status_kb(pid, "VmRSS")
+    prober = subprocess.Popen(
+        [sys.executable, "-c", PROBER, base + "/healthz", str(tmp_path / "probe")], env=subprocess_env()
+    )
+    big = binary_request("template", 20)  # 15.7 MB of pixels; 2 x that reserved per request
+    cut = binary_request("cut", 8)
+
+    def send(i: int):
+        kind = i % 6
+        if kind == 0:  # claims 256 x 2048x2048 (3.2 GB), sends 100 bytes
+            head = lying_header([256, 2048, 2048, 3])
+            return "huge-claim", *raw_post(base, head, len(head) + 100, bytes(100), False)[1:]
+        if kind == 1:  # valid header for 6 MB, hangs up after 1 MB
+            return "hung-up", *raw_post(base, cut[:1_000_000], len(cut), b"", True)[1:]
+        if kind == 2:  # the header says 6 MB, Content-Length 1 MB
+            return "short", *raw_post(base, cut[:1_000_000], 1_000_000, b"", False)[1:]
+        if kind == 3:  # float32 pixels
+            return "float32", *raw_post(
+                base,
+                lying_header([4, 256, 256, 3], "F32"),
+                200_000,
+                bytes(200_000 - len(lying_header([4, 256, 256, 3], "F32"))),
+                False,
+            )[1:]
+        body = big.replace(b'"template"', f'"big-{i:04d}"'.encode())  # same length, its own id
+        if kind == 4:  # valid, chunked (no Content-Length)
+            content = (body[j : j + 2**20] for j in range(0, len(body), 2**20))
+            response = httpx.post(base + "/score", content=content, headers=headers, timeout=120)
+        else:  # valid, with Content-Length
+            response = httpx.post(base + "/score", content=body, headers=headers, timeout=120)
+        return "valid", response.status_code, response.json().get("error", "")
+
+    try:
+        wait_for(lambda: (tmp_path / "probe").exists(), 30, "the /healthz prober")
+        with ThreadPoolExecutor(60) as pool:
+            results = list(pool.map(send, range(60)))
+        peak = status_kb(pid, "VmHWM") - baseline
+        health = np.array(json.loads((tmp_path / "probe").read_text()))
+    finally:
+        prober.terminate()
+        prober.wait(10)
+    outcomes = sorted({(k, str(s), e) for k, s, e in results})
+    print(
+        f"\nbinary: baseline RSS {baseline / 2**20:.0f} MiB, budget {BUDGET / 2**20:.0f} MiB, peak above "
+        f"baseline {peak / 2**20:.0f} MiB; /healthz p50 {np.median(health) * 1000:.0f} ms, p95 "
+        f"{np.percentile(health, 95) * 1000:.0f} ms, max {health.max() * 1000:.0f} ms; outcomes {outcomes}"
+    )
+    expected = {
+        "huge-claim": {(413, "body_too_large")},
+        "short": {(400, "malformed_body")},
+        "float32": {(422, "invalid_image")},
+        "valid": {(200, ""), (429, "over_memory_budget")},
+    }
+    for kind, status, error in results:
+        if kind in expected:
+            assert (status, error) in expected[kind], (kind, status, error)
+    assert any(k == "valid" and s == 200 for k, s, _ in results)
+    assert any(k == "valid" and s == 429 for k, s, _ in results)  # the budget, not the RAM, said no
+    assert peak < BUDGET
+    assert np.percentile(health, 95) < 0.1 and health.max() < 1.0
+    # Every reservation released, the hung-up requests' too.
+    released = lambda: "ddpo_reward_inflight_bytes 0.0" in httpx.get(base + "/metrics", timeout=10).text  # noqa: E731
+    wait_for(released, 10, "the memory budget to be all free")

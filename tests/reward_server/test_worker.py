@@ -249,7 +249,11 @@ def test_close_is_prompt_and_clean(redis_server: RedisServer, capfd):
 
 def test_binary_jobs_carry_raw_pixels_and_score_like_json(reward_workers: Workers, redis_server: RedisServer):
     r = redis_server.client()
-    batches = [batch(40 + i, n) for i, n in enumerate([1, 3, 2])]
+    # Not square (20 x 36): a transposed decoding would change the JPEG sizes.
+    batches = [
+        np.random.default_rng(40 + i).integers(0, 256, (n, 20, 36, 3), np.uint8)
+        for i, n in enumerate([1, 3, 2])
+    ]
     rewards = {}
     for codec in ("binary", "json"):
         with RedisRewardClient(

@@ -14,10 +14,11 @@ PROMPTS = ["a cat", "a dog", "a horse", "a cow"]
 
 
 def batch(seed: int, n: int, size: int) -> np.ndarray:
+    """n images of size x (size + 8): not square, so a transposed decoding would show."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size]
+    y, x = np.mgrid[0:size, 0 : size + 8]
     smooth = (x * rng.uniform(1, 4) + y * rng.uniform(1, 4))[None, ..., None]
-    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
+    return np.clip(smooth + rng.normal(0, 12, (n, size, size + 8, 3)), 0, 255).astype(np.uint8)
 
 
 def body_bytes(start_reward_server, codec: str) -> float:
