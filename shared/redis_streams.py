@@ -14,7 +14,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 JOB_FIELD = b"job"
 REQUEST_FIELD = b"request"  # binary codec: the request as a safetensors body (shared/binary.py)
@@ -64,7 +68,15 @@ async def connect(url: str, password: str | None = None) -> aioredis.Redis:
 
     A password in the URL wins over ``password`` (which usually comes from the environment).
     """
-    kwargs: dict[str, Any] = {"health_check_interval": 30}
+    # Stale pooled connections (Redis restarted, a proxy dropped them) fail their next command:
+    # reconnect and retry it, quickly and a bounded number of times (about 6 s in all), the same on
+    # every redis-py version (5.x did not retry by default; a failed result publish then waited for
+    # claim_idle_s and a rescoring).
+    kwargs: dict[str, Any] = {
+        "health_check_interval": 30,
+        "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=10),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
     if password and urlsplit(url).password is None:
         kwargs["password"] = password
     client = aioredis.Redis.from_url(url, **kwargs)

@@ -27,3 +27,7 @@ class RewardUnavailableError(RewardError):
 
 class RewardDeadlineError(RewardUnavailableError):
     """No result within the request's deadline."""
+
+
+class RewardLostError(RewardUnavailableError):
+    """The job is gone from Redis without a result (a restart without persistence, a trimmed stream)."""
