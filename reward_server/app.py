@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,6 +50,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+
+# The routes that check the bearer token (check_auth) when an api_key is set; probes stay open.
+TOKEN_ROUTES = frozenset({"/score", "/rewards", "/metrics"})
 
 # Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
 CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
@@ -179,6 +183,40 @@ async def parse_header(data: bytearray, limits: binary.Limits) -> binary.Header:
     return binary.parse_header(data, limits)
 
 
+def request_host(headers: list[tuple[bytes, bytes]]) -> str:
+    """The Host header without its port, lower-cased ('[::1]:8000' -> '::1')."""
+    value = next((v for k, v in headers if k == b"host"), b"").decode("latin-1").strip().lower()
+    if value.startswith("["):  # an IPv6 literal
+        return value[1:].partition("]")[0]
+    return value.partition(":")[0]
+
+
+class HostAllowList:
+    """Refuse requests whose Host header is not allowed (400 ``invalid_host``, our error schema).
+
+    DNS rebinding: a web page on evil.example re-resolves its name to 127.0.0.1 and scripts a
+    browser against a keyless loopback server; the browser still sends ``Host: evil.example``.
+    (Starlette's TrustedHostMiddleware does the same check but answers in plain text and cuts an
+    IPv6 literal at its first colon.)
+    """
+
+    def __init__(self, app: Any, allowed: list[str]):
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = frozenset(allowed)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = request_host(scope["headers"])
+        if host in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        err = ApiError(400, "invalid_host", f"Host {host[:100]!r} is not served here (allowed_hosts)")
+        await error_response(err)(scope, receive, send)
+
+
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """Build the app; scorers and batchers are created by its lifespan, once."""
     settings = settings or ServerSettings()
@@ -207,6 +245,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
+    app.add_middleware(HostAllowList, allowed=settings.host_allow_list())
 
     def check_auth(request: Request) -> None:
         if api_key is None:
@@ -339,6 +378,26 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         check_auth(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus every operation's auth: bearer on the token-protected routes when
+        an api_key is set, none (``security: []``) elsewhere; a fuzzer reads it from here."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The server's api_key (DDPO_REWARD_API_KEY), when it has one.",
+                }
+            }
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    needs_token = api_key is not None and path in TOKEN_ROUTES
+                    operation["security"] = [{"bearerAuth": []}] if needs_token else []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -7,7 +7,7 @@ Bad values fail at start-up, not on the first request.
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,12 @@ class ServerSettings(BaseSettings):
     allow_insecure_remote: bool = Field(
         default=False,
         description="Allow a non-loopback host without an api_key (anyone reaching the port can score).",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values accepted (DNS-rebinding guard), without the port, e.g. "
+        "reward.internal 10.0.0.5; '*' accepts any. Empty (default): the loopback names "
+        "(127.0.0.1, localhost, ::1) when bound to loopback, any host otherwise. Others get 400.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="uvicorn/server log level."
@@ -244,6 +250,14 @@ class ServerSettings(BaseSettings):
                 f"api_key must have at least {MIN_API_KEY_LENGTH} characters (e.g. `openssl rand -hex 16`)"
             )
         return key
+
+    LOOPBACK_NAMES: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost", "::1")
+
+    def host_allow_list(self) -> list[str]:
+        """The Host header values accepted; ['*'] for any."""
+        if self.allowed_hosts:
+            return [h.lower() for h in self.allowed_hosts]
+        return list(self.LOOPBACK_NAMES) if is_loopback_host(self.host) else ["*"]
 
     @model_validator(mode="after")
     def _secure_bind(self) -> ServerSettings:

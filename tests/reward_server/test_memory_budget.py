@@ -226,7 +226,7 @@ def raw_post(
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(
-            b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
+            b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-safetensors\r\n"
             + f"Content-Length: {content_length}\r\n\r\n".encode()
             + head
             + body
