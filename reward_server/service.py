@@ -22,7 +22,7 @@ from reward_server.errors import ApiError, QueueFullError
 from reward_server.idempotency import IdempotencyCache, fingerprint
 from reward_server.metrics import ServerMetrics
 from reward_server.png import PngHeader, decode_rgb_png_b64, png_header_b64
-from reward_server.rewards import Scorer, ScoringError, build_scorer
+from reward_server.rewards import InputLimitError, Scorer, ScoringError, build_scorer
 from reward_server.settings import ServerSettings
 from reward_server.vlm.base import VLMError
 from shared import binary
@@ -296,8 +296,24 @@ class RewardService:
     async def _score_new(
         self, request: ScoreRequest | BinaryScoreRequest, reservation: Reservation
     ) -> ScoreResponse:
-        n = len(request.images)
         s = self.settings
+        scorer = self.scorers[request.reward]
+        metadata = request.metadata if request.metadata is not None else [{} for _ in request.images]
+        try:
+            scorer.check_inputs(request.prompts, metadata)
+        except InputLimitError as err:
+            raise ApiError(413, err.error, str(err)[:MAX_REASON_CHARS]) from None
+        except ValueError as err:
+            raise ApiError(422, "invalid_metadata", str(err)[:MAX_REASON_CHARS]) from None
+        # The in-flight limit counts work: images, or VLM calls for a VQA reward (one per question).
+        n = scorer.work_units(metadata)
+        if n > s.max_inflight_images:
+            raise ApiError(
+                413,
+                "too_much_work",
+                f"this request is {n} units of work ({len(request.images)} images); the server takes "
+                f"{s.max_inflight_images} at a time (max_inflight_images)",
+            )
         if (
             self._inflight_requests + 1 > s.max_inflight_requests
             or self._inflight_images + n > s.max_inflight_images
@@ -330,10 +346,6 @@ class RewardService:
     ) -> ScoreResponse:
         reward = request.reward
         metadata = request.metadata if request.metadata is not None else [{} for _ in request.images]
-        try:
-            self.scorers[reward].check_inputs(request.prompts, metadata)
-        except ValueError as err:
-            raise ApiError(422, "invalid_metadata", str(err)[:MAX_REASON_CHARS]) from None
         if isinstance(request, ScoreRequest):
             headers = image_headers(request.images, self.settings.max_image_pixels)
             pixels = sum(h.pixels for h in headers)

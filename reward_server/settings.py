@@ -214,6 +214,18 @@ class ServerSettings(BaseSettings):
         default=True,
         description="llava_strict: an expected answer must appear as whole words ('cat' != 'cats').",
     )
+    llava_strict_max_questions: int = Field(
+        default=16,
+        ge=1,
+        description="llava_strict: most questions per sample (each is one VLM call, counted against "
+        "max_inflight_images); more: 413.",
+    )
+    llava_strict_max_alternatives: int = Field(
+        default=16, ge=1, description="llava_strict: most accepted answers per question; more: 413."
+    )
+    llava_strict_max_answer_chars: int = Field(
+        default=200, ge=1, description="llava_strict: longest accepted answer, in characters; longer: 413."
+    )
 
     @field_validator("rewards")
     @classmethod

@@ -7,6 +7,7 @@ names stays cheap.
 from reward_server.rewards import aesthetic, jpeg, llava  # noqa: F401  (registers the built-in rewards)
 from reward_server.rewards.base import (
     REWARD_REGISTRY,
+    InputLimitError,
     RewardOutput,
     Scorer,
     ScoringError,
@@ -19,6 +20,7 @@ from reward_server.rewards.base import (
 
 __all__ = [
     "REWARD_REGISTRY",
+    "InputLimitError",
     "RewardOutput",
     "Scorer",
     "ScoringError",

@@ -23,6 +23,14 @@ class ScoringError(RuntimeError):
     """A scorer could not produce a reward. Never turned into a silent 0 (see pitfalls)."""
 
 
+class InputLimitError(ValueError):
+    """Per-sample inputs over a limit (e.g. too many VQA questions): the server answers 413."""
+
+    def __init__(self, error: str, reason: str):
+        super().__init__(reason)
+        self.error = error
+
+
 class UnknownRewardError(KeyError):
     """A reward name that is not registered; the message lists the valid names."""
 
@@ -60,8 +68,14 @@ class Scorer(ABC):
     def check_inputs(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:  # noqa: B027
         """Reject malformed per-sample inputs (e.g. missing VQA questions) before any work is queued.
 
-        Raise ValueError with a reason; the server answers 422. The default accepts everything.
+        Raise ValueError with a reason; the server answers 422 (``InputLimitError``: 413). The
+        default accepts everything. Runs on the server's event loop: keep it O(size of the lists).
         """
+
+    def work_units(self, metadata: Sequence[dict[str, Any]]) -> int:
+        """How much work a request is, counted against ``max_inflight_images``: one per image by
+        default; a VQA reward counts its VLM calls (one per question). Called after check_inputs."""
+        return len(metadata)
 
     async def ascore(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from reward_server.rewards.base import RewardOutput, Scorer, register_reward
+from reward_server.rewards.base import InputLimitError, RewardOutput, Scorer, register_reward
 from reward_server.vlm.base import VLMBackend, VLMError, build_vlm_backend
 
 
@@ -184,10 +184,21 @@ class LlavaStrict(_VLMScorer):
     an answer may be a list of accepted alternatives (``["bike", "bicycle"]``).
     """
 
-    def __init__(self, vlm: VLMBackend, case_sensitive: bool = False, whole_word: bool = True):
+    def __init__(
+        self,
+        vlm: VLMBackend,
+        case_sensitive: bool = False,
+        whole_word: bool = True,
+        max_questions: int = 16,
+        max_alternatives: int = 16,
+        max_answer_chars: int = 200,
+    ):
         self.vlm = vlm
         self.case_sensitive = case_sensitive
         self.whole_word = whole_word
+        self.max_questions = max_questions
+        self.max_alternatives = max_alternatives
+        self.max_answer_chars = max_answer_chars
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> LlavaStrict:
@@ -197,24 +208,50 @@ class LlavaStrict(_VLMScorer):
             build_vlm_backend(settings.vlm_backend, settings),
             case_sensitive=settings.llava_strict_case_sensitive,
             whole_word=settings.llava_strict_whole_word,
+            max_questions=settings.llava_strict_max_questions,
+            max_alternatives=settings.llava_strict_max_alternatives,
+            max_answer_chars=settings.llava_strict_max_answer_chars,
         )
 
     def check_inputs(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:
+        """Shape and limits, each list's length checked before its items are looked at (this runs on
+        the server's event loop: bounded work, whatever the request holds)."""
         for i, meta in enumerate(metadata):
             questions, answers = meta.get("questions"), meta.get("answers")
-            if (
-                not isinstance(questions, list)
-                or not questions
-                or not all(isinstance(q, str) for q in questions)
-            ):
+            if not isinstance(questions, list) or not questions:
+                raise ValueError(f"metadata[{i}].questions must be a non-empty list of strings")
+            if len(questions) > self.max_questions:
+                raise InputLimitError(
+                    "too_many_questions",
+                    f"metadata[{i}].questions: {len(questions)} questions (VLM calls) for one image; "
+                    f"limit {self.max_questions} (llava_strict_max_questions)",
+                )
+            if not all(isinstance(q, str) for q in questions):
                 raise ValueError(f"metadata[{i}].questions must be a non-empty list of strings")
             if not isinstance(answers, list) or len(answers) != len(questions):
                 raise ValueError(f"metadata[{i}].answers must be a list with one entry per question")
-            try:
-                for a in answers:
-                    _expected_list(a)
-            except ValueError as err:
-                raise ValueError(f"metadata[{i}].answers: {err}") from None
+            for j, answer in enumerate(answers):
+                if isinstance(answer, list) and len(answer) > self.max_alternatives:
+                    raise InputLimitError(
+                        "too_many_alternatives",
+                        f"metadata[{i}].answers[{j}]: {len(answer)} accepted answers; limit "
+                        f"{self.max_alternatives} (llava_strict_max_alternatives)",
+                    )
+                try:
+                    alternatives = _expected_list(answer)
+                except ValueError as err:
+                    raise ValueError(f"metadata[{i}].answers[{j}]: {err}") from None
+                longest = max(len(a) for a in alternatives)
+                if longest > self.max_answer_chars:
+                    raise InputLimitError(
+                        "answer_too_long",
+                        f"metadata[{i}].answers[{j}]: an accepted answer of {longest} characters; limit "
+                        f"{self.max_answer_chars} (llava_strict_max_answer_chars)",
+                    )
+
+    def work_units(self, metadata: Sequence[dict[str, Any]]) -> int:
+        """One VLM call per question: what the in-flight limit counts."""
+        return sum(len(meta["questions"]) for meta in metadata)
 
     def found(self, expected: str, reply: str) -> bool:
         flags = 0 if self.case_sensitive else re.IGNORECASE
@@ -230,6 +267,11 @@ class LlavaStrict(_VLMScorer):
         flat_images = [img for img, meta in zip(images, metadata, strict=True) for _ in meta["questions"]]
         flat_questions = [q for meta in metadata for q in meta["questions"]]
         replies = await self.ask(flat_images, flat_questions)
+        # Matching is regex work proportional to answers x reply length: a worker thread, never the
+        # event loop (a question with 300k alternatives once held /healthz for 8.5 s).
+        return await asyncio.to_thread(self.match, metadata, replies)
+
+    def match(self, metadata: Sequence[dict[str, Any]], replies: Sequence[str]) -> list[RewardOutput]:
         outputs, offset = [], 0
         for meta in metadata:
             n = len(meta["questions"])
