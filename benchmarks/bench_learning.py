@@ -11,8 +11,11 @@ Prints a table (base vs final, mean ± std over seeds) and writes, under ``--out
 ``bench_learning.png`` (caption accuracy and reward against reward queries, one curve per
 algorithm, seed spread shaded) and ``bench_learning.json`` (every curve).
 
-Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 15] [--algorithms ddpo_is rwr]
-        [--set train.learning_rate=1e-3 ...] [--out docs/bench_learning]
+Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 40] [--algorithms ddpo_is rwr]
+        [--set train.learning_rate=1e-3 ...] [--jobs 2] [--out docs/bench_learning]
+Each finished run is kept as ``<out>/runs/<algorithm>-seed<k>.json``; a rerun skips those
+(``--fresh`` discards them), and ``--report`` only rebuilds the table and plot from them.
+``--jobs N`` runs N trainings at once, each on cores / N torch threads.
 Rewards are scored in process (transport local: the same scorer code the reward server runs) so
 the runs measure learning, not transport; ``--transport http`` runs each through its own embedded
 reward server instead.
@@ -23,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +48,17 @@ CURVES = {
 }
 
 
-def run_one(algorithm: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+def run_one(
+    algorithm: str, seed: int, args: argparse.Namespace, out_dir: str, threads: int
+) -> dict[str, Any]:
     """Train one (algorithm, seed); its eval curves against reward queries."""
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    from trainer.cli import quiet_libraries
     from trainer.config import build_config, parse_overrides, with_algorithm
     from trainer.train import Trainer
+
+    quiet_libraries()
 
     overrides = parse_overrides([f"--{item}" for item in args.set])
     overrides = {
@@ -62,6 +75,7 @@ def run_one(algorithm: str, seed: int, args: argparse.Namespace, out_dir: str) -
             "output_dir": out_dir,
             "name": f"{algorithm}-seed{seed}",
             "progress": False,
+            "num_threads": threads,
         },
     }
     cfg = with_algorithm(build_config("digits-alignment", overrides), algorithm)
@@ -76,7 +90,7 @@ def run_one(algorithm: str, seed: int, args: argparse.Namespace, out_dir: str) -
         for name, key in CURVES.items():
             if key in m:
                 curves[name].append([queries, m[key]])
-    return {"algorithm": algorithm, "seed": seed, "seconds": seconds, "curves": curves}
+    return {"algorithm": algorithm, "seed": seed, "seconds": seconds, "curves": curves, "overrides": args.set}
 
 
 def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float, float]:
@@ -139,8 +153,8 @@ def main() -> None:
     )
     parser.add_argument("--algorithms", nargs="+", default=list(algorithms()), choices=algorithms())
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per run (the reward-query budget)")
-    parser.add_argument("--eval-every", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40, help="epochs per run (the reward-query budget)")
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-prompts", type=int, default=40, help="eval prompts per group")
     parser.add_argument("--eval-seeds", type=int, default=2, help="seeds per eval prompt")
     parser.add_argument("--transport", choices=["local", "http"], default="local")
@@ -148,6 +162,9 @@ def main() -> None:
         "--set", nargs="*", default=[], help="config overrides, e.g. train.learning_rate=1e-3"
     )
     parser.add_argument("--out", default="docs/bench_learning", help="folder for the PNG and JSON")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (cores are split)")
+    parser.add_argument("--fresh", action="store_true", help="discard finished runs kept under --out")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     if args.transport == "http":
         args.set.append("reward.embed_server=true")
@@ -157,18 +174,42 @@ def main() -> None:
     from trainer.policy import resolve_pretrained
 
     quiet_libraries()
-    resolve_pretrained("digits")  # build (or reuse) the shared base once, before the clock starts
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-learning-") as runs_dir:
-        for algorithm in args.algorithms:
-            for seed in args.seeds:
-                run = run_one(algorithm, seed, args, runs_dir)
-                results.setdefault(algorithm, []).append(run)
+    runs_out = out / "runs"
+    runs_out.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for old in runs_out.glob("*.json"):
+            old.unlink()
+    todo = [
+        (algorithm, seed)
+        for algorithm in args.algorithms
+        for seed in args.seeds
+        if not (runs_out / f"{algorithm}-seed{seed}.json").exists()
+    ]
+    if not args.report and todo:
+        resolve_pretrained("digits")  # build (or reuse) the shared base once, before the clock starts
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        context = multiprocessing.get_context("spawn")
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-learning-") as runs_dir,
+            ProcessPoolExecutor(args.jobs, mp_context=context) as pool,
+        ):
+            futures = {pool.submit(run_one, a, s, args, runs_dir, threads): (a, s) for a, s in todo}
+            for future in as_completed(futures):
+                algorithm, seed = futures[future]
+                run = future.result()
+                (runs_out / f"{algorithm}-seed{seed}.json").write_text(json.dumps(run) + "\n")
                 train = run["curves"]["train"]
                 print(f"{algorithm} seed {seed}: train accuracy {train[0][1]:.3f} -> {train[-1][1]:.3f} "
                       f"({run['seconds'] / 60:.1f} min)", flush=True)  # fmt: skip
+    results: dict[str, list[dict[str, Any]]] = {}
+    for algorithm in args.algorithms:
+        for seed in args.seeds:
+            path = runs_out / f"{algorithm}-seed{seed}.json"
+            if path.exists():
+                results.setdefault(algorithm, []).append(json.loads(path.read_text()))
+    if not results:
+        raise SystemExit(f"no finished runs under {runs_out}")
     any_run = next(iter(results.values()))[0]
     table = print_table(results, queries=int(any_run["curves"]["train"][-1][0]))
     plot(results, out / "bench_learning.png")

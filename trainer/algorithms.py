@@ -55,6 +55,9 @@ class TrainedStep:
     old_log_prob: torch.Tensor  # under the policy that sampled
     advantages: torch.Tensor  # what ``advantages`` returned for these samples
     groups: torch.Tensor  # group ids (whole groups are in the minibatch when keeps_groups_together)
+    # Stale samples (train.max_staleness): old_log_prob is the proximal policy's and these are the
+    # truncated behaviour weights min(exp(logp_prox - logp_behavior), w_max); None when fresh.
+    behavior_weights: torch.Tensor | None = None
 
 
 class Algorithm:
@@ -86,7 +89,14 @@ class DDPOImportanceSampling(Algorithm):
 
     def step_loss(self, step: TrainedStep) -> tuple[torch.Tensor, LossInfo]:
         c = self.cfg
-        return ppo_clip_loss(step.advantages, step.log_prob, step.old_log_prob, c.clip_range, c.adv_clip_max)
+        return ppo_clip_loss(
+            step.advantages,
+            step.log_prob,
+            step.old_log_prob,
+            c.clip_range,
+            c.adv_clip_max,
+            step.behavior_weights,
+        )
 
 
 class DDPOScoreFunction(DDPOImportanceSampling):
@@ -120,7 +130,12 @@ class GRPO(Algorithm):
     def step_loss(self, step: TrainedStep) -> tuple[torch.Tensor, LossInfo]:
         c = self.cfg
         loss, info = ppo_clip_loss(
-            step.advantages, step.log_prob, step.old_log_prob, c.clip_range, c.adv_clip_max
+            step.advantages,
+            step.log_prob,
+            step.old_log_prob,
+            c.clip_range,
+            c.adv_clip_max,
+            step.behavior_weights,
         )
         if not c.skip_zero_advantage:
             return loss, info
@@ -129,6 +144,8 @@ class GRPO(Algorithm):
         adv = step.advantages.clamp(-c.adv_clip_max, c.adv_clip_max)
         ratio = torch.exp(step.log_prob - step.old_log_prob)
         per_sample = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - c.clip_range, 1 + c.clip_range))
+        if step.behavior_weights is not None:
+            per_sample = step.behavior_weights * per_sample
         return (per_sample * kept).sum() / kept.sum().clamp(min=1), info
 
 

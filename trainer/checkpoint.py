@@ -32,6 +32,10 @@ class TrainingState:
     lr_scheduler: dict[str, Any]
     stat_tracker: dict[str, Any] | None
     rng: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None  # run.eval_ema_decay's average of the trained weights
+    # train.max_staleness 1: the next epoch's samples, drawn before this checkpoint's last update
+    # (their rewards are requested again on resume).
+    pending: dict[str, Any] | None = None
 
 
 def capture_rng() -> dict[str, Any]:

@@ -170,6 +170,20 @@ class TrainConfig(_Section):
     adv_clip_max: float = Field(
         5.0, gt=0, description="Advantages are clipped to [-adv_clip_max, adv_clip_max]."
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        le=1,
+        description="0: on-policy (sample, wait for the rewards, update). 1: the next epoch samples "
+        "while this epoch's rewards are outstanding, so the reward wait overlaps sampling; the update "
+        "of samples one update old uses decoupled PPO (ratio to the proximal policy, truncated "
+        "behaviour weight). ddpo_is, grpo and rwr.",
+    )
+    behavior_weight_max: float = Field(
+        2.0,
+        gt=0,
+        description="Truncation of the behaviour weight exp(logp_prox - logp_behavior) of stale samples.",
+    )
     kl_beta: float = Field(
         0.0,
         ge=0,
@@ -271,6 +285,12 @@ class RewardConfig(_Section):
         default_factory=list,
         description="Combined reward: weighted sum of these rewards (details merged under each name); "
         "empty: the single reward `name`.",
+    )
+    eval_components: list[RewardComponent] = Field(
+        default_factory=list,
+        description="Rewards scored at eval only, never trained on (e.g. aesthetic while training "
+        "alignment), logged as eval[_heldout]_<name>_mean: reward hacking shows as the trained reward "
+        "rising while these fall. Their weights are ignored.",
     )
     on_failure: Literal["error", "drop"] = Field(
         "error",
@@ -397,6 +417,14 @@ class RunConfig(_Section):
         description="Seeds per eval prompt; with 2 or more the eval logs `eval_diversity` (mean pairwise "
         "RMS pixel distance between images of the same prompt: collapse shows as a drop).",
     )
+    eval_ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="If set, eval uses an exponential moving average of the trained weights "
+        "(ema = d * ema + (1 - d) * weights after every optimizer step; checkpointed); "
+        "None: the current weights.",
+    )
     eval_before_training: bool = Field(
         True,
         description="Evaluate the base model before the first epoch (metrics line with epoch -1, "
@@ -450,6 +478,11 @@ class Config(_Section):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of sample.images_per_prompt "
                 f"({k}) for p3o (pairs are formed inside a minibatch)"
+            )
+        if self.train.max_staleness and algorithm in ("ddpo_sf", "p3o"):
+            raise ValueError(
+                f"train.max_staleness must be 0 for {algorithm} (ddpo_sf is on-policy only; p3o has no "
+                "decoupled pair weight yet)"
             )
         if algorithm == "rwr" and self.train.kl_beta > 0:
             raise ValueError("train.kl_beta applies to policy-gradient algorithms, not rwr")
@@ -530,6 +563,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # prompt-image alignment judged by the digits captioner (the VLM's stand-in) + BERTScore, the
     # paper's alignment reward in miniature, through an embedded reward server over HTTP.
     "digits-alignment": {
+        # Measured on 2 CPU cores (docs/learning.md): with every step stochastic, the policy gradient
+        # of a few hundred samples is indistinguishable from noise (the reward depends on a few of
+        # the 10 x 1024 noise dimensions). One stochastic step (window), shared x_T inside a group
+        # and CFG-free sampling make the reward spread of a group the policy's own doing, at a
+        # fraction of the cost; then caption accuracy rises.
         "model": {
             "pretrained": "digits",
             "dtype": "fp32",
@@ -537,30 +575,34 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
         },
         "sample": {
-            "num_steps": 20,
+            "num_steps": 10,
             "eta": 1.0,
-            "guidance_scale": 3.0,
-            "batch_size": 16,
-            "num_batches_per_epoch": 4,
-            "images_per_prompt": 4,  # groups: 16 prompts x 4 seeds per epoch
+            "guidance_scale": 1.0,  # CFG-free: one UNet call per step
+            "batch_size": 64,
+            "num_batches_per_epoch": 2,
+            "images_per_prompt": 4,  # groups: 32 prompts x 4 per epoch
+            "same_initial_noise": True,  # a group differs only by its stochastic step's noise
+            "window_size": 1,  # the one stochastic, trained step ...
+            "window_start": 1,  # ... the second of 10 (deterministic DDIM elsewhere)
         },
         "train": {
-            "learning_rate": 3e-3,
-            "batch_size": 16,
-            "gradient_accumulation_steps": 4,  # one optimizer step per epoch of 64 samples
+            "learning_rate": 1e-3,
+            "batch_size": 64,
+            "gradient_accumulation_steps": 1,  # two optimizer steps per epoch of 128 samples
             "clip_range": 0.1,
-            "timestep_fraction": 0.5,
+            "timestep_fraction": 1.0,
         },
         "prompts": {"set": "digits"},
-        "advantage": {"buffer_size": 16, "min_count": 4},
+        # The buffer holds one group: advantages relative to the prompt's samples of this epoch.
+        "advantage": {"buffer_size": 4, "min_count": 4},
         # In process by default (benchmarks, tests); scripts/train.sh runs it through its own
         # reward server over HTTP (--reward.transport http --reward.embed_server true).
         "reward": {"name": "llava_bertscore", "transport": "local", "server_settings": DIGITS_REWARD_SERVER},
         "run": {
             "name": "digits-alignment",
-            "num_epochs": 15,
-            "save_every": 5,
-            "eval_every": 3,
+            "num_epochs": 40,
+            "save_every": 10,
+            "eval_every": 10,
             "eval_num_images": 16,
             "eval_images_per_prompt": 2,
         },

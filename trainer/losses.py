@@ -27,13 +27,22 @@ def ppo_clip_loss(
     log_prob_old: torch.Tensor,
     clip_range: float,
     adv_clip_max: float,
+    behavior_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossInfo]:
-    """DDPO-IS loss for one timestep of a minibatch (all tensors shape (batch,))."""
+    """DDPO-IS loss for one timestep of a minibatch (all tensors shape (batch,)).
+
+    ``behavior_weights`` (decoupled PPO for stale samples): ``log_prob_old`` is then the proximal
+    policy's, and each sample's term is multiplied by its truncated weight min(w, w_max),
+    w = exp(logp_prox - logp_behavior).
+    """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob_new - log_prob_old)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    if behavior_weights is not None:
+        per_sample = behavior_weights * per_sample
+    loss = per_sample.mean()
     with torch.no_grad():
         info = LossInfo(
             approx_kl=float(0.5 * ((log_prob_new - log_prob_old) ** 2).mean()),

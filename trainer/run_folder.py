@@ -104,6 +104,14 @@ class RunFolder:
             ("diversity (RMS px distance)", [("eval_diversity", "eval, training prompts"),
                                              ("eval_heldout_diversity", "eval, held-out prompts")]),
         ]  # fmt: skip
+        # Eval-only rewards (reward.eval_components): over-optimization shows as these falling.
+        trained_keys = {"eval_reward_mean", "eval_heldout_reward_mean"}
+        extra = sorted(
+            {k for m in metrics for k in m if k.startswith("eval_") and k.endswith("_mean")} - trained_keys
+        )
+        panels.append(
+            ("eval-only rewards", [(k, k.removeprefix("eval_").removesuffix("_mean")) for k in extra])
+        )
         panels = [panels[0]] + [p for p in panels[1:] if any(series(k)[0] for k, _ in p[1])]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=100, squeeze=False)
         epochs = [m["epoch"] for m in trained]

@@ -17,6 +17,7 @@ what an uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import resource
 import time
@@ -93,6 +94,16 @@ def diversity(images: np.ndarray, per_prompt: int) -> float:
     return float(np.mean(distances))
 
 
+@dataclasses.dataclass
+class SampledEpoch:
+    """One epoch's samples and their outstanding rewards."""
+
+    epoch: int
+    samples: Trajectories
+    futures: list[Future[RewardResult]]
+    policy_epoch: int  # updates applied to the policy that sampled them (staleness = epoch - this)
+
+
 class Trainer:
     def __init__(
         self,
@@ -122,6 +133,10 @@ class Trainer:
         self.heldout_prompts = load_heldout_prompts(cfg.prompts.set, cfg.prompts.heldout)
         self.reward_client = reward_client or make_reward_client(cfg.reward)
         self._owns_reward_client = reward_client is None
+        # Rewards scored at eval only (over-optimization shows as these falling).
+        self.eval_reward_clients = {
+            c.name: make_reward_client(cfg.reward.single(c)) for c in cfg.reward.eval_components
+        }
         self.tracker = (
             PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
             if cfg.advantage.per_prompt_stat_tracking
@@ -134,6 +149,11 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.next_epoch = 0
         self.global_step = 0
+        self._pending: SampledEpoch | None = None  # max_staleness 1: the next epoch, already sampled
+        # run.eval_ema_decay: an average of the trained weights, used for eval.
+        self.ema: dict[str, torch.Tensor] | None = None
+        if cfg.run.eval_ema_decay is not None:
+            self.ema = {n: p.detach().clone() for n, p in self._trained_parameters()}
 
         checkpoint = find_checkpoint(cfg.run.resume) if cfg.run.resume else None
         if run_folder is None and self.is_main:
@@ -177,6 +197,10 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         if self.tracker is not None and state.stat_tracker is not None:
             self.tracker.load_state_dict(state.stat_tracker)
+        if state.pending is not None:
+            self._pending = self._restore_pending(state.pending)
+        if self.ema is not None and state.ema is not None:
+            self.ema = {k: v.to(self.policy.device) for k, v in state.ema.items()}
         restore_rng(state.rng)
         self.next_epoch, self.global_step = state.next_epoch, state.global_step
         if self.run_folder is not None:
@@ -199,15 +223,25 @@ class Trainer:
         finally:
             if self._owns_reward_client:
                 self.reward_client.close()
+            for client in self.eval_reward_clients.values():
+                client.close()
         return history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        # 1. Sample (rewards are requested batch by batch, while the next batch samples).
-        samples, futures = self.sample_epoch(epoch)
+        # 1. Sample (rewards are requested batch by batch, while the next batch samples). With
+        #    max_staleness 1 this epoch was sampled during the previous one's reward wait, and the
+        #    next epoch is sampled now, while this epoch's rewards are outstanding.
+        current = self._pending if self._pending is not None else self._sample(epoch)
+        if current.epoch != epoch:
+            raise RuntimeError(f"pending samples are of epoch {current.epoch}, not {epoch}")
+        self._pending = None
+        if self.cfg.train.max_staleness and epoch + 1 < self.cfg.run.num_epochs:
+            self._pending = self._sample(epoch + 1)
         t_sampled = time.perf_counter()
+        staleness = epoch - current.policy_epoch
         # 2. Reward: the update needs this epoch's rewards (a failed batch: error, or dropped if configured).
-        samples, results, num_dropped = self.gather_rewards(samples, futures)
+        samples, results, num_dropped = self.gather_rewards(current.samples, current.futures)
         t_rewarded = time.perf_counter()
         local_rewards = np.concatenate([r.rewards for r in results])
         # Every rank sees the global batch (global sample order), so the stat trackers agree.
@@ -222,7 +256,7 @@ class Trainer:
         local_advantages = local_slice(advantages, self.dist, num_batches)
         local_groups = local_slice(groups, self.dist, num_batches)
         # 4. Update.
-        train_info = self.update(epoch, samples, local_advantages, groups=local_groups)
+        train_info = self.update(epoch, samples, local_advantages, groups=local_groups, stale=staleness > 0)
         train_info = mean_across_ranks(train_info, self.dist)
         t_trained = time.perf_counter()
 
@@ -242,6 +276,7 @@ class Trainer:
             ),
             **train_info,
             "lr": self.lr_scheduler.get_last_lr()[0],
+            "staleness": staleness,
             "num_samples": len(rewards),
             "num_dropped": num_dropped,
             "world_size": self.world_size,
@@ -315,6 +350,31 @@ class Trainer:
         rng = np.random.default_rng(derive_seed(self.cfg.run.seed, epoch, WINDOW_STREAM))
         return int(rng.integers(s.window_start, s.window_start_max + 1))
 
+    def _sample(self, epoch: int) -> SampledEpoch:
+        samples, futures = self.sample_epoch(epoch)
+        return SampledEpoch(epoch, samples, futures, policy_epoch=self.next_epoch)
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        """The already-sampled next epoch, for the checkpoint (images as a tensor: weights-only load)."""
+        if self._pending is None:
+            return None
+        samples = self._pending.samples
+        fields = {f.name: getattr(samples, f.name) for f in dataclasses.fields(samples)}
+        fields["images"] = torch.from_numpy(samples.images)
+        return {"epoch": self._pending.epoch, "policy_epoch": self._pending.policy_epoch, "samples": fields}
+
+    def _restore_pending(self, state: dict[str, Any]) -> SampledEpoch:
+        """Rebuild the checkpoint's pending epoch and request its rewards again, batch by batch."""
+        fields = dict(state["samples"])
+        fields["images"] = fields["images"].numpy()
+        samples = Trajectories(**fields)
+        size = self.cfg.sample.batch_size
+        futures = [
+            self.reward_client.submit(samples.images[i : i + size], samples.prompts[i : i + size])
+            for i in range(0, len(samples), size)
+        ]
+        return SampledEpoch(state["epoch"], samples, futures, state["policy_epoch"])
+
     def sample_epoch(self, epoch: int) -> tuple[Trajectories, list[Future[RewardResult]]]:
         self.policy.unet.eval()
         window_start = self.window_start(epoch)
@@ -377,12 +437,15 @@ class Trainer:
         advantages: np.ndarray,
         sample_weights: np.ndarray | None = None,
         groups: np.ndarray | None = None,
+        stale: bool = False,
     ) -> dict:
         """The algorithm's update on this rank's samples; returns loss statistics.
 
         ``advantages``: what the algorithm's ``advantages`` gave these samples (for RWR, its
         weights; ``sample_weights`` overrides them); ``groups``: their group ids (default: K
-        consecutive samples per group).
+        consecutive samples per group); ``stale``: sampled before the last update (decoupled PPO:
+        ratios to the proximal policy, the one at the start of this update, and truncated
+        behaviour weights).
         """
         cfg, t = self.cfg, self.cfg.train
         policy, algorithm = self.policy, self.algorithm
@@ -396,6 +459,9 @@ class Trainer:
         if groups is None:
             groups = group_ids(n, cfg.sample.images_per_prompt)
         groups_all = torch.as_tensor(np.asarray(groups), dtype=torch.long)
+        proximal = None
+        if stale and algorithm.objective == "policy_gradient":
+            proximal = self._log_probs_now(samples)
 
         infos: list[LossInfo] = []
         kls: list[float] = []
@@ -436,7 +502,17 @@ class Trainer:
                     )
                 else:
                     loss_sum = self._pg_minibatch(
-                        samples, idx, perm, adv_all, groups_all, num_timesteps, infos, kls, scale, boundary
+                        samples,
+                        idx,
+                        perm,
+                        adv_all,
+                        groups_all,
+                        num_timesteps,
+                        infos,
+                        kls,
+                        scale,
+                        boundary,
+                        proximal,
                     )
                 losses.append(loss_sum)
                 if boundary:
@@ -455,7 +531,18 @@ class Trainer:
         }
 
     def _pg_minibatch(
-        self, samples, idx, perm, adv_all, groups_all, num_timesteps, infos, kls, scale, boundary=True
+        self,
+        samples,
+        idx,
+        perm,
+        adv_all,
+        groups_all,
+        num_timesteps,
+        infos,
+        kls,
+        scale,
+        boundary=True,
+        proximal=None,
     ) -> float:
         """Policy gradient on one minibatch: backward per trained timestep (memory stays flat).
 
@@ -466,6 +553,11 @@ class Trainer:
         latents = samples.latents[idx][rows, perm]
         next_latents = samples.next_latents[idx][rows, perm]
         old_log_probs = samples.log_probs[idx][rows, perm]
+        weights = None
+        if proximal is not None:  # stale samples: ratios to the proximal policy, behaviour weights
+            behavior = old_log_probs
+            old_log_probs = proximal[idx][rows, perm]
+            weights = torch.exp(old_log_probs - behavior).clamp(max=t.behavior_weight_max)
         timesteps = samples.timesteps[idx][rows, perm]
         prompt_embeds, negative_embeds = samples.prompt_embeds[idx], samples.negative_embeds[idx]
         adv, groups = adv_all[idx], groups_all[idx]
@@ -478,7 +570,8 @@ class Trainer:
                     policy.scheduler, model_pred, t_j, x_t, s, prev_sample=next_latents[:, j]
                 )
                 old = old_log_probs[:, j].to(log_prob.device)
-                loss, info = self.algorithm.step_loss(TrainedStep(log_prob, old, adv, groups))
+                step_weights = None if weights is None else weights[:, j].to(log_prob.device)
+                loss, info = self.algorithm.step_loss(TrainedStep(log_prob, old, adv, groups, step_weights))
                 if t.kl_beta > 0:
                     kl = self._kl_to_reference(model_pred, x_t, t_j, prompt_embeds, negative_embeds).mean()
                     loss = loss + t.kl_beta * kl
@@ -487,6 +580,23 @@ class Trainer:
             infos.append(info)
             total += loss.item() / num_timesteps
         return total
+
+    @torch.no_grad()
+    def _log_probs_now(self, samples: Trajectories) -> torch.Tensor:
+        """log p(x_t' | x_t) of every recorded step under the current policy, (B, S)."""
+        s, policy = self.cfg.sample, self.policy
+        out = torch.empty_like(samples.log_probs)
+        for start in range(0, len(samples), self.cfg.train.batch_size):
+            idx = slice(start, start + self.cfg.train.batch_size)
+            for j in range(samples.timesteps.shape[1]):
+                x_t, t_j = samples.latents[idx, j], samples.timesteps[idx, j]
+                pred = policy.model_pred(
+                    x_t, t_j, samples.prompt_embeds[idx], samples.negative_embeds[idx], s.guidance_scale
+                )
+                _, out[idx, j] = policy.family.step_with_logprob(
+                    policy.scheduler, pred, t_j, x_t, s, prev_sample=samples.next_latents[idx, j]
+                )
+        return out
 
     def _kl_to_reference(self, model_pred, x_t, t_j, prompt_embeds, negative_embeds) -> torch.Tensor:
         """Closed-form KL between this step's Gaussian under the current and the reference policy."""
@@ -532,6 +642,27 @@ class Trainer:
             return self.policy.unet_forward.no_sync()
         return contextlib.nullcontext()
 
+    def _trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.policy.unet.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """The weights eval uses: the EMA when ``run.eval_ema_decay`` is set (swapped in, then back)."""
+        if self.ema is None:
+            yield
+            return
+        params = self._trained_parameters()
+        current = {n: p.detach().clone() for n, p in params}
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params:
+                    p.copy_(current[n])
+
     def _optimizer_step(self) -> float:
         params = self.policy.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
@@ -539,6 +670,11 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        if self.ema is not None:
+            decay = self.cfg.run.eval_ema_decay
+            with torch.no_grad():
+                for name, param in self._trained_parameters():
+                    self.ema[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
         return float(grad_norm)
 
     # -- 5. eval grid and checkpoints --------------------------------------------------------
@@ -562,9 +698,15 @@ class Trainer:
         """Sample and score the fixed eval prompts (training, then held-out); save their grids.
 
         Returns ``eval_*`` metrics (``eval_heldout_*`` for held-out prompts): reward mean, caption
-        accuracy when the reward reports it, diversity with several images per prompt.
+        accuracy when the reward reports it, diversity with several images per prompt, and
+        ``eval_<name>_mean`` of every eval-only reward (``reward.eval_components``). With
+        ``run.eval_ema_decay`` the EMA of the trained weights is evaluated.
         """
         self.policy.unet.eval()
+        with self._eval_weights():
+            return self._evaluate(name)
+
+    def _evaluate(self, name: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for heldout in (False, True):
             prompts, seeds = self.eval_plan(heldout)
@@ -580,6 +722,13 @@ class Trainer:
                 log.warning("eval %s%s got no reward: %s", name, suffix, err)
                 continue
             metrics[prefix + "reward_mean"] = float(result.rewards.mean())
+            for reward_name, client in self.eval_reward_clients.items():
+                try:
+                    extra = client.submit(traj.images, prompts).result()
+                except RewardError as err:
+                    log.warning("eval %s%s got no %s reward: %s", name, suffix, reward_name, err)
+                    continue
+                metrics[f"{prefix}{reward_name}_mean"] = float(extra.rewards.mean())
             accuracy = caption_accuracy(result.details)
             if accuracy is not None:
                 metrics[prefix + "caption_accuracy"] = accuracy
@@ -600,6 +749,8 @@ class Trainer:
             lr_scheduler=self.lr_scheduler.state_dict(),
             stat_tracker=self.tracker.state_dict() if self.tracker is not None else None,
             rng=capture_rng(),
+            ema={k: v.detach().clone() for k, v in self.ema.items()} if self.ema is not None else None,
+            pending=self._pending_state(),
         )
         path = save_checkpoint(
             self.run_folder.checkpoints_dir,
