@@ -1,6 +1,7 @@
 """The training loop on the tiny model: on-policy ratio, what changes, exact resume, LoRA export."""
 
 import copy
+import inspect
 import json
 from concurrent.futures import Future
 
@@ -29,8 +30,9 @@ def test_first_on_policy_ratio_is_exactly_one(make_tiny_config):
     captured = {}
     original = trainer._pg_minibatch
 
-    def spy(samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary=True):
-        out = original(samples, idx, perm, adv_all, num_timesteps, infos, scale, boundary)
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        infos = inspect.signature(original).bind(*args, **kwargs).arguments["infos"]
         captured.setdefault("infos", list(infos))
         return out
 
