@@ -484,6 +484,8 @@ class Config(_Section):
                 f"train.max_staleness must be 0 for {algorithm} (ddpo_sf is on-policy only; p3o has no "
                 "decoupled pair weight yet)"
             )
+        if algorithm == "rwr" and self.model.family == "sd3":
+            raise ValueError("train.algorithm rwr is not supported for model.family sd3 (its loss is DDPM's)")
         if algorithm == "rwr" and self.train.kl_beta > 0:
             raise ValueError("train.kl_beta applies to policy-gradient algorithms, not rwr")
         if self.advantage.min_count > self.advantage.buffer_size:

@@ -43,6 +43,10 @@ def test_every_configurable_algorithm_is_registered():
         ({"train": {"kl_beta": -0.1}}, r"train\.kl_beta"),
         ({"train": {"algorithm": "rwr", "kl_beta": 0.1}}, r"train\.kl_beta applies to policy-gradient"),
         ({"sample": {"images_per_prompt": 3}}, r"images_per_prompt \(3\) must divide batch_size"),
+        (
+            {"train": {"algorithm": "rwr"}, "model": {"family": "sd3"}},
+            r"rwr is not supported for model\.family sd3",
+        ),
     ],
 )
 def test_bad_algorithm_configs_name_the_field(overrides, match):
