@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from reward_server.budget import BODY_BYTES_FACTOR, Reservation
 from reward_server.errors import ApiError
@@ -340,6 +341,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         except ApiError as err:
             status = err.status
             raise
+        except ClientDisconnect:  # hung up before its body ended: nobody to answer, nothing broken
+            status = 499
+            raise ApiError(400, "client_disconnected", "the client hung up before its body ended") from None
         finally:
             reservation.release()
             metrics.requests.labels(label, str(status)).inc()

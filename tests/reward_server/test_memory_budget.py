@@ -316,3 +316,5 @@ def test_hostile_binary_requests_stay_within_the_memory_budget(server, tmp_path)
     # Every reservation released, the hung-up requests' too.
     released = lambda: "ddpo_reward_inflight_bytes 0.0" in httpx.get(base + "/metrics", timeout=10).text  # noqa: E731
     wait_for(released, 10, "the memory budget to be all free")
+    # A client hanging up mid-body is its own business, not a server error.
+    assert 'reason="internal_error"' not in httpx.get(base + "/metrics", timeout=10).text
