@@ -3,6 +3,11 @@
 Every ``ServerSettings`` field is a flag (``--max-batch-size``, ``--vlm-base-url``, ...); flags
 override the environment (``DDPO_REWARD_*``), which overrides the defaults. Prefer the environment
 for secrets (``DDPO_REWARD_API_KEY``): command lines are visible to other users in ``ps``.
+
+Two flags are about the process, not settings: ``--extra-rewards-module M`` (repeatable) imports
+a plugin that registers more rewards before the reward names are checked, and ``--parent-pid P``
+makes the server exit when process P is gone (a trainer that starts its own server, killed
+without clean-up).
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
+from reward_server.rewards import import_extra_rewards
 from reward_server.settings import ServerSettings, describe_settings_error
 
 
@@ -75,11 +84,55 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags about the server process itself (not ``ServerSettings`` fields)."""
+    group = parser.add_argument_group("process (not settings)")
+    group.add_argument(
+        "--extra-rewards-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="Import this module (dotted name or .py path) first; it may register more rewards. Repeatable.",
+    )
+    group.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="Exit (SIGTERM to self) once this process is no longer our parent, e.g. a trainer that died.",
+    )
+
+
+def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """SIGTERM ourselves once ``parent_pid`` is no longer our parent (it exited or was killed).
+
+    (Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the server exits.)
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
+    # Process flags first: plugins must register their rewards before the settings check the names.
+    process_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_process_flags(process_flags)
+    process, rest = process_flags.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:  # one help listing settings and process flags
+        parser = build_parser()
+        add_process_flags(parser)
+        parser.parse_args(rest)
+    if process.parent_pid is not None:
+        exit_with_parent(process.parent_pid)
+    import_extra_rewards(process.extra_rewards_module)
     try:
-        settings, overrides = settings_from_args(argv)
+        settings, overrides = settings_from_args(rest)
     except ValidationError as err:
         print(f"ddpo-reward-server: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None

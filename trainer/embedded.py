@@ -8,23 +8,26 @@ when the client closes, at interpreter exit, or when the trainer process dies.
     with EmbeddedRewardServer(["jpeg_compressibility"]) as server:
         client = HttpRewardClient("jpeg_compressibility", [server.url])
 
-``python -m trainer.embedded [--extra-rewards-module M ...] -- <ddpo-reward-server flags>`` is
-the server command it runs (the extra modules may register more rewards first).
+The child is the server's own entry point, ``python -m reward_server.cli`` (``ddpo-reward-server``),
+configured by its public command line: ``--parent-pid`` (it exits when the trainer is gone),
+``--extra-rewards-module`` (plugins registering more rewards), and one flag per server setting
+(``reward.server_settings``). Secrets (``*api_key``) go by environment instead: command lines are
+visible to other users in ``ps``. Nothing here imports the reward server.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,18 +38,35 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """In the server process: SIGTERM ourselves once the trainer is gone (killed without clean-up).
+SECRET_SETTINGS = ("api_key", "vlm_api_key")  # sent as DDPO_REWARD_<NAME>, never on the command line
 
-    (Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the server exits.)
+
+def server_flags(settings: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """``ddpo-reward-server`` flags for reward-server settings, and environment for the secret ones.
+
+    The flag syntax is the server CLI's: ``--name value``, ``--flag``/``--no-flag`` for booleans,
+    ``--name a b`` for lists, JSON for mappings. ``None`` (every optional setting's default) is
+    left out: no flag can spell it.
     """
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    args: list[str] = []
+    env: dict[str, str] = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name in SECRET_SETTINGS:
+            env[f"DDPO_REWARD_{name.upper()}"] = str(value)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            if value:  # an empty list is every list setting's default; nargs='+' cannot spell it
+                args += [flag, *(str(v) for v in value)]
+        elif isinstance(value, Mapping):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args, env
 
 
 class EmbeddedRewardServer:
@@ -59,6 +79,7 @@ class EmbeddedRewardServer:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         extra_rewards_modules: Sequence[str] = (),
+        settings: Mapping[str, Any] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout_s: float = 300.0,
         log_path: str | Path | None = None,
@@ -67,6 +88,7 @@ class EmbeddedRewardServer:
         self.port = port
         self.extra_args = list(extra_args)
         self.extra_rewards_modules = list(extra_rewards_modules)
+        self.settings = dict(settings or {})
         self.env = env
         self.startup_timeout_s = startup_timeout_s
         self.log_path = Path(log_path) if log_path else None
@@ -79,11 +101,13 @@ class EmbeddedRewardServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "trainer.embedded", "--parent-pid", str(os.getpid())]
+        """The server's own CLI; ``extra_args`` come last, so they win over ``settings``."""
+        cmd = [sys.executable, "-m", "reward_server.cli", "--parent-pid", str(os.getpid())]
         for module in self.extra_rewards_modules:
             cmd += ["--extra-rewards-module", module]
-        cmd += ["--", "--host", "127.0.0.1", "--port", str(self.port), "--rewards", *self.rewards]
-        return cmd + self.extra_args
+        settings = {k: v for k, v in self.settings.items() if k not in ("host", "port", "rewards")}
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--rewards", *self.rewards]
+        return cmd + server_flags(settings)[0] + self.extra_args
 
     def start(self) -> EmbeddedRewardServer:
         if self.process is not None and self.process.poll() is None:
@@ -95,6 +119,7 @@ class EmbeddedRewardServer:
             os.close(fd)
             self.log_path = Path(name)
         env = dict(os.environ if self.env is None else self.env)
+        env.update(server_flags(self.settings)[1])
         # The child must import this checkout's packages even when run from elsewhere.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
@@ -164,23 +189,3 @@ class EmbeddedRewardServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m trainer.embedded [--parent-pid P] [--extra-rewards-module M ...] -- <server flags>``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    split = args.index("--") if "--" in args else len(args)
-    own, server_args = args[:split], args[split + 1 :]
-    modules = [own[i + 1] for i, a in enumerate(own[:-1]) if a == "--extra-rewards-module"]
-    parents = [int(own[i + 1]) for i, a in enumerate(own[:-1]) if a == "--parent-pid"]
-    if parents:
-        _exit_with_parent(parents[0])
-    from reward_server.cli import main as server_main
-    from reward_server.worker import import_extra_rewards
-
-    import_extra_rewards(modules)
-    server_main(server_args)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,10 @@ from reward_server.rewards.base import (
     UnknownRewardError,
     build_scorer,
     get_reward_class,
+    import_extra_rewards,
     register_reward,
     reward_names,
+    scorer_settings,
 )
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "UnknownRewardError",
     "build_scorer",
     "get_reward_class",
+    "import_extra_rewards",
     "register_reward",
     "reward_names",
+    "scorer_settings",
 ]

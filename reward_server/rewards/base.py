@@ -1,11 +1,21 @@
-"""The one base class every reward implements, and the one registry of rewards."""
+"""The one base class every reward implements, and the one registry of rewards.
+
+This is the interface the trainer shares with the server: its in-process ("local") transport
+builds scorers with ``build_scorer(name, mapping)`` and plugins register more rewards through
+``register_reward`` (loaded with ``import_extra_rewards``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
+import importlib.util
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -119,6 +129,64 @@ def get_reward_class(name: str) -> type[Scorer]:
         raise UnknownRewardError(name, REWARD_REGISTRY) from None
 
 
-def build_scorer(name: str, settings: Any = None) -> Scorer:
-    """Build the scorer registered under ``name`` (clear error listing valid names otherwise)."""
-    return get_reward_class(name).from_settings(settings)
+def build_scorer(name: str, settings: Mapping[str, Any] | Any = None) -> Scorer:
+    """Build the scorer registered under ``name`` (clear error listing valid names otherwise).
+
+    ``settings``: None, a settings object (the server's), or a plain mapping of setting names
+    (e.g. a trainer's ``reward.server_settings``), turned into one by ``scorer_settings``.
+    """
+    cls = get_reward_class(name)  # unknown names fail before any settings are validated
+    if isinstance(settings, Mapping):
+        settings = scorer_settings(settings, reward=name)
+    return cls.from_settings(settings)
+
+
+def scorer_settings(values: Mapping[str, Any], reward: str | None = None) -> Any:
+    """Scorer settings from plain values only: validated like the reward server's settings
+    (same names, defaults and checks), but no ``DDPO_REWARD_*`` environment variable or ``.env``
+    file is read, so a caller's own config (a trainer's) is the whole configuration.
+
+    ``reward``: the one reward these settings are for (``rewards`` defaults to it).
+    """
+    values = dict(values)
+    if reward is not None:
+        values.setdefault("rewards", [reward])
+    return _values_only_settings()(**values)
+
+
+@functools.cache
+def _values_only_settings() -> type:
+    """The server's settings class with the init values as its only source."""
+    # Lazy: settings.py imports this registry to validate reward names.
+    from pydantic_settings import SettingsConfigDict
+
+    from reward_server.settings import ServerSettings
+
+    class ScorerSettings(ServerSettings):
+        model_config = SettingsConfigDict(cli_parse_args=False)  # never this process's argv either
+
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: Any, init_settings: Any, **other: Any
+        ) -> tuple[Any, ...]:
+            return (init_settings,)  # no environment, .env or secrets-dir source
+
+    return ScorerSettings
+
+
+def import_extra_rewards(modules: Sequence[str]) -> None:
+    """Import plugin modules (dotted names or .py paths) that register extra rewards.
+
+    Call it before reward names are checked (server settings, ``build_scorer``).
+    """
+    for name in modules:
+        if name.endswith(".py"):
+            path = Path(name).resolve()
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import {name}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)

@@ -14,7 +14,7 @@ import numpy as np
 from shared import binary
 from shared.codec import encode_png_b64
 from shared.schemas import ScoreRequest, ScoreResponse
-from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
+from trainer.reward_api import RewardClient, RewardResult, check_images, new_request_id
 from trainer.transports.errors import RewardError
 
 T = TypeVar("T")

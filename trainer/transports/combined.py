@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.reward_client import RewardClient, RewardResult, check_images, new_request_id
+from trainer.reward_api import RewardClient, RewardResult, check_images, new_request_id
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from shared import binary
 from shared.schemas import ErrorResponse, ScoreResponse
-from trainer.reward_client import RewardResult
+from trainer.reward_api import RewardResult
 from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,

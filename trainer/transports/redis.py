@@ -33,7 +33,7 @@ from shared.redis_streams import (
     safe_url,
 )
 from shared.schemas import RedisJob, RedisResult
-from trainer.reward_client import RewardResult
+from trainer.reward_api import RewardResult
 from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,
