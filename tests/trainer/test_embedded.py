@@ -1,0 +1,114 @@
+"""The embedded reward server: the server's own CLI in a child process, configured by its flags.
+
+``reward.server_settings`` become ``ddpo-reward-server`` flags (secrets: environment), plugins load
+through ``--extra-rewards-module``, and ``--parent-pid`` stops the server when the trainer dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from reward_server.cli import settings_from_args
+from reward_server.settings import ServerSettings
+from trainer.embedded import EmbeddedRewardServer, server_flags
+from trainer.transports.errors import RewardRejectedError
+from trainer.transports.http import HttpRewardClient
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PROBE = "tests.settings_probe_reward"
+API_KEY = "0123456789abcdef"
+
+
+def test_server_flags_parse_back_to_the_same_settings(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("DDPO_REWARD_"):
+            monkeypatch.delenv(name)
+    settings = {
+        "rewards": ["jpeg_compressibility", "jpeg_incompressibility"],
+        "vlm_backend": "openai",
+        "vlm_question": "what is --this?",
+        "max_wait_ms": 2.5,
+        "max_batch_size": 3,
+        "cross_request_batching": False,
+        "llava_strict_whole_word": True,
+        "allowed_hosts": ["reward.internal", "10.0.0.5"],
+        "batching": {"jpeg_compressibility": {"max_batch_size": 2}},
+        "aesthetic_mlp_path": None,
+        "api_key": API_KEY,
+        "vlm_api_key": "vlm-secret",
+    }
+    args, env = server_flags(settings)
+    assert API_KEY not in " ".join(args) and "vlm-secret" not in " ".join(args)  # not visible in ps
+    assert env == {"DDPO_REWARD_API_KEY": API_KEY, "DDPO_REWARD_VLM_API_KEY": "vlm-secret"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parsed, _ = settings_from_args(args)
+    assert parsed.model_dump() == ServerSettings(**settings).model_dump()
+
+
+def test_embedded_server_gets_settings_plugins_and_secrets(tmp_path):
+    server = EmbeddedRewardServer(
+        ["test_settings_probe"],
+        extra_rewards_modules=[PROBE],
+        settings={"vlm_question": "how many cats?", "api_key": API_KEY},
+        log_path=tmp_path / "server.log",
+    )
+    with server:
+        assert API_KEY not in " ".join(server.command())
+        with HttpRewardClient("test_settings_probe", [server.url], api_key=API_KEY) as client:
+            result = client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["a cat"]).result(60)
+        assert result.details[0]["vlm_question"] == "how many cats?"
+        with HttpRewardClient("test_settings_probe", [server.url], max_attempts=1) as client:
+            with pytest.raises(RewardRejectedError, match="401"):
+                client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["a cat"]).result(60)
+
+
+def test_embedded_server_exits_when_the_trainer_is_killed(tmp_path):
+    # A stand-in trainer starts the server, reports it, and is then SIGKILLed (no clean-up runs).
+    script = textwrap.dedent(
+        f"""
+        import time
+        from trainer.embedded import EmbeddedRewardServer
+        server = EmbeddedRewardServer(["jpeg_compressibility"], log_path={str(tmp_path / "server.log")!r})
+        server.start()
+        print(server.process.pid, server.url, flush=True)
+        time.sleep(600)
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p),
+    }
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert trainer.stdout is not None
+        pid_text, url = trainer.stdout.readline().split()
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        deadline = time.monotonic() + 30
+        while alive(int(pid_text)):
+            assert time.monotonic() < deadline, "the reward server outlived the trainer by 30 s"
+            time.sleep(0.2)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
