@@ -1,7 +1,12 @@
-"""The errors the API answers with: an HTTP status, a short code and a reason (never a traceback)."""
+"""The errors the API answers with: an HTTP status, a short code and a reason (never a traceback).
+
+Codes and statuses come from the one table in shared/errors.py; an ``ApiError`` with a code that
+is not declared there, or with a status its code is not answered with, is a bug caught at once.
+"""
 
 from __future__ import annotations
 
+from shared.errors import check_code, is_retryable_status
 from shared.schemas import ErrorResponse
 
 
@@ -16,12 +21,18 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
         request_id: str | None = None,
     ):
+        check_code(error, status)
         super().__init__(reason)
         self.status = status
         self.error = error
         self.reason = reason
         self.headers = headers or {}
         self.request_id = request_id
+
+    @property
+    def retryable(self) -> bool:
+        """The same request may succeed later (shared/errors.py decides, for every client alike)."""
+        return is_retryable_status(self.status)
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=self.error, reason=self.reason, request_id=self.request_id)

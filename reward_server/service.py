@@ -29,19 +29,9 @@ from shared import binary
 from shared.binary import BinaryRequestError, BinaryScoreRequest
 from shared.codec import ImageDecodeError, ImageTooLargeError
 from shared.schemas import ScoreFields, ScoreRequest, ScoreResponse
+from shared.validation import MAX_REASON_CHARS, format_validation_error
 
 logger = logging.getLogger(__name__)
-
-MAX_REASON_CHARS = 1000
-
-
-def validation_reason(err: ValidationError) -> str:
-    """A short, input-free summary of pydantic errors (never echo megabytes of base64 back)."""
-    parts = []
-    for e in err.errors(include_url=False, include_input=False):
-        loc = ".".join(str(x) for x in e.get("loc", ())) or "body"
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)[:MAX_REASON_CHARS]
 
 
 def jsonable(value: Any) -> Any:
@@ -211,7 +201,8 @@ class RewardService:
         try:
             return ScoreRequest.model_validate_json(body)
         except ValidationError as err:
-            raise ApiError(422, "invalid_request", validation_reason(err)) from None
+            # Input-free: never echo megabytes of base64 back.
+            raise ApiError(422, "invalid_request", format_validation_error(err, root="body")) from None
 
     async def aparse(self, body: bytes | bytearray) -> ScoreRequest:
         """Parse a body; a large one in a thread so the event loop keeps answering."""

@@ -314,8 +314,7 @@ class ServerSettings(BaseSettings):
 
 
 def describe_settings_error(err: ValidationError) -> str:
-    """One line per bad field, without the input values (they may hold API keys or passwords)."""
-    return "\n".join(
-        f"  {'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}"
-        for e in err.errors(include_url=False, include_input=False)
-    )
+    """One indented line per bad field, without the input values (they may hold API keys or passwords)."""
+    from shared.validation import format_validation_error
+
+    return "  " + format_validation_error(err, root="settings", sep="\n  ", limit=None)

@@ -44,8 +44,15 @@ from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
+from shared.errors import parse_retry_after
 from shared.redis_streams import (
+    DEFAULT_GROUP,
+    DEFAULT_PREFIX,
+    DEFAULT_REDIS_URL,
+    DEFAULT_STREAM,
     JOB_FIELD,
+    REDIS_PASSWORD_ENV,
+    REDIS_URL_ENV,
     REQUEST_FIELD,
     STORE_RESULT_LUA,
     connect,
@@ -54,12 +61,16 @@ from shared.redis_streams import (
     result_key,
     safe_url,
 )
+from shared.retry import RetriesExhausted, RetryPolicy, TransientError
 from shared.schemas import ErrorResponse, RedisJob, RedisResult, ScoreRequest, ScoreResponse
+from shared.validation import format_validation_error
 
 logger = logging.getLogger("ddpo-reward-worker")
 
-# Scoring errors worth another try in this worker: overloaded, VLM failed, not ready, scorer crashed.
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A job whose scoring fails transiently (shared/errors.py: overloaded, VLM failed, not ready, scorer
+# crashed) is retried in this worker with this backoff, score_attempts times in all.
+SCORE_RETRY_INITIAL_S = 0.5
+SCORE_RETRY_MAX_S = 10.0
 MAX_DEAD_LETTER_PAYLOAD = 1_000_000  # bytes of the original job kept in the dead-letter entry
 
 
@@ -72,20 +83,21 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DDPO_WORKER_", extra="forbid")
 
+    # The Redis options have the trainer's names (reward.redis_*) and shared defaults.
     redis_url: str = Field(
-        default_factory=lambda: os.environ.get("DDPO_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        description="Redis URL (redis://, rediss:// or unix://); default: $DDPO_REDIS_URL or local Redis.",
+        default_factory=lambda: os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL),
+        description=f"Redis URL (redis://, rediss:// or unix://); default: ${REDIS_URL_ENV} or local Redis.",
     )
 
     redis_password: str | None = Field(
-        default_factory=lambda: os.environ.get("DDPO_REDIS_PASSWORD"),
+        default_factory=lambda: os.environ.get(REDIS_PASSWORD_ENV),
         repr=False,
-        description="Redis AUTH password (default: $DDPO_REDIS_PASSWORD); a password in the URL wins.",
+        description=f"Redis AUTH password (default: ${REDIS_PASSWORD_ENV}); a password in the URL wins.",
     )
-    stream: str = Field(default="ddpo:rewards:jobs", description="Job stream to consume.")
-    group: str = Field(default="reward-workers", description="Consumer group shared by the workers.")
-    prefix: str = Field(
-        default="ddpo:rewards",
+    redis_stream: str = Field(default=DEFAULT_STREAM, description="Job stream to consume.")
+    redis_group: str = Field(default=DEFAULT_GROUP, description="Consumer group shared by the workers.")
+    redis_prefix: str = Field(
+        default=DEFAULT_PREFIX,
         description="Key prefix of result keys; a job's reply_to must be <prefix>:replies:<id>.",
     )
     consumer: str = Field(
@@ -130,13 +142,26 @@ class WorkerSettings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
 
+    # The short names these options had before they took the trainer's (read-only).
+    @property
+    def stream(self) -> str:
+        return self.redis_stream
+
+    @property
+    def group(self) -> str:
+        return self.redis_group
+
+    @property
+    def prefix(self) -> str:
+        return self.redis_prefix
+
 
 class RewardWorker:
     def __init__(self, settings: WorkerSettings, server_settings: ServerSettings):
         self.settings = settings
         self.server_settings = server_settings
         self.service = RewardService(server_settings, ServerMetrics())
-        self.dead_letter = dead_letter_key(settings.stream)
+        self.dead_letter = dead_letter_key(settings.redis_stream)
         self.running: dict[bytes, asyncio.Task[None]] = {}
         # Jobs taken over from dead workers, waiting for a slot (they go before new jobs).
         self.reclaimed: OrderedDict[bytes, tuple[dict[bytes, bytes], int]] = OrderedDict()
@@ -156,8 +181,8 @@ class RewardWorker:
             logger.info(
                 "consumer %s ready on stream %s (group %s, Redis %s), rewards: %s",
                 s.consumer,
-                s.stream,
-                s.group,
+                s.redis_stream,
+                s.redis_group,
                 safe_url(s.redis_url),
                 ", ".join(self.service.reward_names),
             )
@@ -169,7 +194,9 @@ class RewardWorker:
 
     async def ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
+            await self.redis.xgroup_create(
+                self.settings.redis_stream, self.settings.redis_group, id="0", mkstream=True
+            )
         except ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
@@ -201,7 +228,7 @@ class RewardWorker:
                         continue
                     block_ms = int(min(0.5, claim_every) * 1000)
                     entries = await self.redis.xreadgroup(
-                        s.group, s.consumer, {s.stream: ">"}, count=free, block=block_ms
+                        s.redis_group, s.consumer, {s.redis_stream: ">"}, count=free, block=block_ms
                     )
                     for _stream, messages in entries or []:
                         for message_id, fields in messages:
@@ -253,7 +280,7 @@ class RewardWorker:
         ids = [*self.running, *self.reclaimed]
         if ids:
             s = self.settings
-            await self.redis.xclaim(s.stream, s.group, s.consumer, 0, ids, justid=True)
+            await self.redis.xclaim(s.redis_stream, s.redis_group, s.consumer, 0, ids, justid=True)
 
     async def reclaim(self) -> None:
         """Take over jobs left pending by dead workers (idle longer than ``claim_idle_s``).
@@ -265,8 +292,8 @@ class RewardWorker:
         start: bytes | str = "0-0"
         while (room := s.concurrency - len(self.reclaimed)) > 0:
             reply = await self.redis.xautoclaim(
-                s.stream,
-                s.group,
+                s.redis_stream,
+                s.redis_group,
                 s.consumer,
                 min_idle_time=int(s.claim_idle_s * 1000),
                 start_id=start,
@@ -275,14 +302,16 @@ class RewardWorker:
             start, messages = reply[0], reply[1]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:  # pending entries whose job was trimmed away: nothing left to do
-                await self.redis.xack(s.stream, s.group, *deleted)
+                await self.redis.xack(s.redis_stream, s.redis_group, *deleted)
             for message_id, fields in messages:
                 if fields is None:
-                    await self.redis.xack(s.stream, s.group, message_id)
+                    await self.redis.xack(s.redis_stream, s.redis_group, message_id)
                     continue
                 if message_id in self.running:
                     continue
-                info = await self.redis.xpending_range(s.stream, s.group, message_id, message_id, 1)
+                info = await self.redis.xpending_range(
+                    s.redis_stream, s.redis_group, message_id, message_id, 1
+                )
                 deliveries = info[0]["times_delivered"] if info else 1
                 logger.info("reclaimed job %s (delivery %d)", _text(message_id), deliveries)
                 self.reclaimed[message_id] = (fields, deliveries)
@@ -310,7 +339,8 @@ class RewardWorker:
             job = RedisJob.model_validate_json(raw)
         except ValidationError as err:
             rid, reply_to = _salvage_ids(raw)
-            await poison(rid, reply_to, "invalid_job", f"undecodable job: {_short_validation(err)}")
+            reason = format_validation_error(err, root="job")
+            await poison(rid, reply_to, "invalid_job", f"undecodable job: {reason}")
             return
         rid = job.rid
         problem = self.reply_to_problem(job.reply_to)
@@ -366,37 +396,48 @@ class RewardWorker:
         ``body_bytes``: a binary request's body, which its images are views of: reserved against the
         memory budget like an HTTP body (its pixels need no decoding).
         """
-        attempts = self.settings.score_attempts
-        for attempt in range(1, attempts + 1):
+        policy = RetryPolicy(self.settings.score_attempts, SCORE_RETRY_INITIAL_S, SCORE_RETRY_MAX_S)
+
+        async def attempt(_number: int, _left: float | None) -> ScoreResponse:
             try:
                 with self.service.budget.reservation() as reservation:
                     reservation.grow(
                         BODY_BYTES_FACTOR * body_bytes, f"a binary request of {body_bytes} bytes"
                     )
                     response, _replayed = await self.service.score(request, None, reservation)
-                return response, None
+                return response
             except ApiError as err:
-                error = ErrorResponse(error=err.error, reason=err.reason, request_id=request.request_id)
-                if err.status not in TRANSIENT_STATUSES or attempt == attempts:
-                    return None, error
-                delay = min(10.0, 0.5 * 2 ** (attempt - 1))
-                logger.warning(
-                    "request %s: %s (%s); retry in %.1f s",
-                    request.request_id,
-                    err.error,
-                    err.reason,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+                if not err.retryable:
+                    raise
+                retry_after = parse_retry_after(err.headers.get("Retry-After"))
+                raise TransientError(err.reason, retry_after, detail=err) from None
+
+        def on_retry(_number: int, failure: TransientError, delay: float) -> None:
+            logger.warning(
+                "request %s: %s (%s); retry in %.1f s",
+                request.request_id,
+                failure.detail.error,
+                failure.reason,
+                delay,
+            )
+
+        try:
+            return await policy.run(attempt, on_retry), None
+        except RetriesExhausted as gave_up:
+            err = gave_up.last.detail
+        except ApiError as failed:
+            err = failed
+        return None, ErrorResponse(error=err.error, reason=err.reason, request_id=request.request_id)
 
     def reply_to_problem(self, reply_to: str) -> str | None:
         """Why ``reply_to`` is not a reply stream of this deployment (None if it is one)."""
         s = self.settings
-        expected = reply_stream_key(s.prefix, "")
+        expected = reply_stream_key(s.redis_prefix, "")
         if not reply_to.startswith(expected) or len(reply_to) == len(expected):
             return f"reply_to {reply_to[:200]!r} is not a reply stream (it must start with {expected!r})"
-        if reply_to in (s.stream, self.dead_letter) or reply_to.startswith(f"{s.prefix}:result:"):
+        if reply_to in (s.redis_stream, self.dead_letter) or reply_to.startswith(
+            result_key(s.redis_prefix, "")
+        ):
             return f"reply_to {reply_to[:200]!r} is one of the transport's own keys"
         return None
 
@@ -405,7 +446,7 @@ class RewardWorker:
         s = self.settings
         result.worker = s.consumer
         stored = await self.store_result(
-            keys=[result_key(s.prefix, result.request_id), reply_to],
+            keys=[result_key(s.redis_prefix, result.request_id), reply_to],
             args=[result.model_dump_json(), s.result_ttl_s, s.reply_maxlen],
         )
         if stored == -1:
@@ -465,21 +506,13 @@ class RewardWorker:
         """Acknowledge and delete: the stream then holds only outstanding jobs (its length = the queue)."""
         s = self.settings
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(s.stream, s.group, message_id)
-            pipe.xdel(s.stream, message_id)
+            pipe.xack(s.redis_stream, s.redis_group, message_id)
+            pipe.xdel(s.redis_stream, message_id)
             await pipe.execute()
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _short_validation(err: ValidationError) -> str:
-    parts = [
-        f"{'.'.join(str(x) for x in e.get('loc', ())) or 'job'}: {e.get('msg', 'invalid')}"
-        for e in err.errors(include_url=False, include_input=False)
-    ]
-    return "; ".join(parts)[:1000]
 
 
 def _salvage_ids(raw: bytes) -> tuple[str | None, str | None]:

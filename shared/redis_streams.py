@@ -1,6 +1,6 @@
 """The Redis key layout and connection helper both sides of the ``redis`` transport use.
 
-Keys (``prefix`` and ``stream`` are configurable; docs/transport.md has the full description):
+Keys (``redis_prefix`` and ``redis_stream`` are configurable; docs/transport.md has the full description):
   <stream>                      job stream, entries {job: RedisJob JSON[, request: binary request]};
                                 consumer group of the workers
   <stream>:dead                 dead-letter stream, entries {job_id, request_id, error, reason, ...}
@@ -19,6 +19,16 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Defaults both sides use; the trainer's options (reward.redis_*) and the worker's (DDPO_WORKER_REDIS_*)
+# have the same names. The URL and password also come from these environment variables.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_ENV = "DDPO_REDIS_URL"
+REDIS_PASSWORD_ENV = "DDPO_REDIS_PASSWORD"
+DEFAULT_STREAM = "ddpo:rewards:jobs"
+DEFAULT_GROUP = "reward-workers"
+DEFAULT_PREFIX = "ddpo:rewards"
+DEFAULT_MAX_QUEUED_JOBS = 10000  # the trainer waits to submit while the job stream holds this many
 
 JOB_FIELD = b"job"
 REQUEST_FIELD = b"request"  # binary codec: the request as a safetensors body (shared/binary.py)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,15 +26,26 @@ from reward_server.vlm.base import VLMBackend, VLMError, build_vlm_backend
 
 
 class _VLMScorer(Scorer):
-    """Shared plumbing: a VLM backend, async scoring, a blocking ``score`` for in-process use."""
+    """Shared plumbing: a VLM backend, async scoring (``ascore``, what the server calls).
 
-    vlm: VLMBackend
+    ``score``, the blocking entry for callers without an event loop (the trainer's in-process
+    client, scripts), drives ``ascore`` on one event loop of this scorer's, made at the first call
+    and reused: the VLM client's HTTP pool is made once, not per call (``asyncio.run`` would make a
+    new loop, and so a new pool, every time).
+    """
+
+    def __init__(self, vlm: VLMBackend):
+        self.vlm = vlm
+        self._blocking_loop: asyncio.AbstractEventLoop | None = None
+        self._blocking_lock = threading.Lock()  # one blocking call at a time drives the loop
 
     def score(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
     ) -> list[RewardOutput]:
-        # For callers without an event loop (the trainer's in-process client, scripts).
-        return asyncio.run(self.ascore(images, prompts, metadata))
+        with self._blocking_lock:
+            if self._blocking_loop is None:
+                self._blocking_loop = asyncio.new_event_loop()
+            return self._blocking_loop.run_until_complete(self.ascore(images, prompts, metadata))
 
     async def ask(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
         answers = await self.vlm.answer(images, questions)
@@ -46,6 +58,16 @@ class _VLMScorer(Scorer):
 
     async def aclose(self) -> None:
         await self.vlm.aclose()
+
+    def close(self) -> None:
+        """Blocking callers: close the VLM client on the loop ``score`` used, then that loop."""
+        with self._blocking_lock:
+            if self._blocking_loop is not None:
+                loop, self._blocking_loop = self._blocking_loop, None
+                try:
+                    loop.run_until_complete(self.aclose())
+                finally:
+                    loop.close()
 
 
 # Portable BERTScore model names: weights shipped by a pip package (offline), and their layer.
@@ -120,7 +142,7 @@ class LlavaBertScore(_VLMScorer):
     ):
         if metric not in ("precision", "recall", "f1"):
             raise ValueError(f"metric must be precision, recall or f1, not {metric!r}")
-        self.vlm = vlm
+        super().__init__(vlm)
         self.bertscore = bertscore
         self.question = question
         self.reference_template = reference_template
@@ -193,7 +215,7 @@ class LlavaStrict(_VLMScorer):
         max_alternatives: int = 16,
         max_answer_chars: int = 200,
     ):
-        self.vlm = vlm
+        super().__init__(vlm)
         self.case_sensitive = case_sensitive
         self.whole_word = whole_word
         self.max_questions = max_questions

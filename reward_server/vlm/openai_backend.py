@@ -1,9 +1,10 @@
 """VLM backend for any OpenAI-compatible ``/v1/chat/completions`` server (vLLM in production).
 
 One chat completion per (image, question); the image travels as a base64 PNG data URL (lossless).
-Calls share one pooled async httpx client, at most ``concurrency`` in flight. A call is retried,
-with exponential backoff, only on connection errors/timeouts, 408, 429 and 5xx; any other 4xx is a
-deterministic failure and is reported at once (see pitfalls: failures must not look like hangs).
+Calls share one pooled async httpx client, made once and used on one event loop (the server's), at
+most ``concurrency`` in flight. Retries follow the project's one policy (shared/retry.py): connection
+errors, timeouts and the retryable statuses of shared/errors.py, with backoff and Retry-After; any
+other status is a deterministic failure reported at once (pitfalls: failures must not look like hangs).
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ import numpy as np
 
 from reward_server.vlm.base import VLMBackend, VLMError, register_vlm_backend
 from shared.codec import encode_png_b64
+from shared.errors import is_retryable_status, parse_retry_after
+from shared.retry import RetriesExhausted, RetryPolicy, TransientError
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({408, 429})
-MAX_BACKOFF_S = 30.0
-
-
-def is_retryable_status(status: int) -> bool:
-    return status in RETRY_STATUSES or status >= 500
+MAX_BACKOFF_S = 30.0  # longest wait between two calls, a Retry-After included
 
 
 def chat_request(model: str, question: str, image_png_b64: str, max_tokens: int, temperature: float) -> dict:
@@ -58,7 +56,7 @@ def _answer_text(payload: Any) -> str:
 
 
 class OpenAIChatBackend(VLMBackend):
-    """Asks an OpenAI-compatible server; one pooled client per event loop."""
+    """Asks an OpenAI-compatible server through one pooled client, bound to the first loop that calls."""
 
     def __init__(
         self,
@@ -78,35 +76,41 @@ class OpenAIChatBackend(VLMBackend):
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.temperature = temperature
-        # The client and semaphore belong to the loop that made them (the server's); a blocking
-        # caller using asyncio.run() gets fresh ones for its own loop.
+        self.retry = RetryPolicy(
+            max_attempts=max_retries + 1,
+            initial_s=backoff_s,
+            max_s=MAX_BACKOFF_S,
+            retry_after_cap_s=MAX_BACKOFF_S,
+        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Made once: its connections (and the semaphore) belong to the loop that first uses them.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            headers=headers,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self._semaphore = asyncio.Semaphore(concurrency)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._semaphore: asyncio.Semaphore | None = None
 
-    def _resources(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    def _check_loop(self) -> None:
+        """One event loop for the client's lifetime: pooled connections cannot move between loops."""
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._semaphore is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s),
-                headers=headers,
-                limits=httpx.Limits(
-                    max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-                ),
-            )
-            self._semaphore = asyncio.Semaphore(self.concurrency)
+        if self._loop is None:
             self._loop = loop
-        return self._client, self._semaphore
+        elif self._loop is not loop:
+            raise RuntimeError(
+                "OpenAIChatBackend is used from a second event loop; its HTTP pool belongs to the "
+                "first (call it from one long-lived loop, not a new asyncio.run() per call)"
+            )
 
     async def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions")
         if not images:
             return []
+        self._check_loop()
         encoded = await asyncio.to_thread(lambda: [encode_png_b64(np.ascontiguousarray(i)) for i in images])
         tasks = [asyncio.create_task(self._ask(q, img)) for q, img in zip(questions, encoded, strict=True)]
         try:
@@ -118,52 +122,39 @@ class OpenAIChatBackend(VLMBackend):
             raise
 
     async def _ask(self, question: str, image_b64: str) -> str:
-        client, semaphore = self._resources()
         body = chat_request(self.model, question, image_b64, self.max_tokens, self.temperature)
-        attempts = self.max_retries + 1
-        last = "no attempt made"
-        for attempt in range(attempts):
-            retry_after: float | None = None
-            async with semaphore:
+
+        async def attempt(_number: int, _left: float | None) -> str:
+            async with self._semaphore:  # held for the call only, not while waiting to retry
                 try:
-                    response = await client.post(self.url, json=body)
+                    response = await self._client.post(self.url, json=body)
                 except httpx.TransportError as err:  # connect errors, timeouts, dropped connections
-                    last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-                else:
-                    if response.status_code == 200:
-                        try:
-                            return _answer_text(response.json())
-                        except ValueError:
-                            raise VLMError("VLM answered 200 with a body that is not JSON") from None
-                    last = f"HTTP {response.status_code}: {response.text[:300]}"
-                    if not is_retryable_status(response.status_code):
-                        raise VLMError(f"VLM request rejected ({self.url}): {last}")
-                    retry_after = _retry_after_s(response)
-            if attempt + 1 < attempts:
-                delay = min(MAX_BACKOFF_S, self.backoff_s * 2**attempt)
-                if retry_after is not None:
-                    delay = max(delay, min(retry_after, MAX_BACKOFF_S))
-                logger.info(
-                    "VLM call failed (%s); retry %d/%d in %.2f s", last, attempt + 1, self.max_retries, delay
-                )
-                await asyncio.sleep(delay)
-        raise VLMError(f"VLM call failed after {attempts} attempts ({self.url}): {last}")
+                    what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                    raise TransientError(what) from None
+            if response.status_code == 200:
+                try:
+                    return _answer_text(response.json())
+                except ValueError:
+                    raise VLMError("VLM answered 200 with a body that is not JSON") from None
+            failure = f"HTTP {response.status_code}: {response.text[:300]}"
+            if not is_retryable_status(response.status_code):
+                raise VLMError(f"VLM request rejected ({self.url}): {failure}")
+            raise TransientError(failure, parse_retry_after(response.headers.get("retry-after")))
+
+        def on_retry(number: int, failure: TransientError, delay: float) -> None:
+            logger.info(
+                "VLM call failed (%s); retry %d/%d in %.2f s", failure, number, self.max_retries, delay
+            )
+
+        try:
+            return await self.retry.run(attempt, on_retry)
+        except RetriesExhausted as err:
+            raise VLMError(
+                f"VLM call failed after {err.attempts} attempts ({self.url}): {err.last}"
+            ) from None
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            try:
-                await client.aclose()
-            except RuntimeError:  # its loop is gone (made by an earlier asyncio.run)
-                pass
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
+        await self._client.aclose()
 
 
 @register_vlm_backend("openai")

@@ -90,19 +90,23 @@ def test_embedded_server_exits_when_the_trainer_is_killed(tmp_path):
         "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p),
     }
     trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    server_pid = None
     try:
         assert trainer.stdout is not None
         pid_text, url = trainer.stdout.readline().split()
+        server_pid = int(pid_text)
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(10)
         deadline = time.monotonic() + 30
-        while alive(int(pid_text)):
+        while alive(server_pid):
             assert time.monotonic() < deadline, "the reward server outlived the trainer by 30 s"
             time.sleep(0.2)
     finally:
         trainer.kill()
         trainer.wait()
+        if server_pid is not None and alive(server_pid):  # the test failed: leave no orphan behind
+            os.kill(server_pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
