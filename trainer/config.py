@@ -435,6 +435,19 @@ class RunConfig(_Section):
     )
     progress: bool = Field(True, description="Show progress bars.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    # Experiment trackers beside metrics.jsonl (trainer/loggers.py; pip install 'ddpo-stack[tracking]').
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Trackers that mirror metrics.jsonl (same names, step = epoch), the eval grids and "
+        "the config: 'tensorboard' (<run>/tensorboard) and/or 'wandb' (<run>/wandb), e.g. "
+        '--run.loggers \'["tensorboard","wandb"]\'.',
+    )
+    wandb_project: str = Field("ddpo", description="wandb logger: the W&B project of the run.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="wandb logger: 'offline' writes <run>/wandb only (no account; upload later with "
+        "`wandb sync`); 'online' streams to W&B (needs `wandb login`).",
+    )
 
 
 class Config(_Section):

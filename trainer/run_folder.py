@@ -10,6 +10,7 @@
 <run>/before_after.png     base vs last eval, side by side (training and held-out prompts)
 <run>/samples/epoch_0003.jsonl  every training sample: prompt, reward, advantage, details (VLM answers)
 <run>/checkpoints/epoch_0005/   LoRA (diffusers format) + training_state.pt; `latest` names the newest
+<run>/tensorboard/, <run>/wandb/  with run.loggers: metrics lines and grids mirrored (trainer/loggers.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainer.loggers import Loggers
+
 
 class RunFolder:
     def __init__(self, path: str | Path):
@@ -32,6 +35,8 @@ class RunFolder:
         self.checkpoints_dir = self.path / "checkpoints"
         for folder in (self.path, self.samples_dir, self.checkpoints_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        # run.loggers (TensorBoard, W&B): every metrics line and grid below is mirrored to them.
+        self.loggers = Loggers()
 
     @staticmethod
     def new(output_dir: str | Path, name: str) -> RunFolder:
@@ -66,8 +71,10 @@ class RunFolder:
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
     def append_metrics(self, metrics: dict[str, Any]) -> None:
+        """One metrics line; the loggers get it (step = its epoch) with the grids saved since the last."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.loggers.log_metrics(metrics)
 
     def write_sample_log(self, epoch: int, rows: Sequence[dict[str, Any]]) -> None:
         with (self.samples_dir / f"epoch_{epoch:04d}.jsonl").open("w") as f:
@@ -164,6 +171,8 @@ class RunFolder:
                 draw.text((x + 2, y + tile_h + 1 + 12 * k), line, fill="black")
         out = self.samples_dir / f"{name}.png"
         grid.save(out)
+        # One image series per prompt set, the epoch (-1: base) as its step.
+        self.loggers.add_image("samples/eval_heldout" if name.endswith("_heldout") else "samples/eval", out)
         return out
 
     def save_before_after(self) -> Path | None:
@@ -194,4 +203,5 @@ class RunFolder:
             y += max(before.height, after.height) + header
         out = self.path / "before_after.png"
         canvas.save(out)
+        self.loggers.add_image("before_after", out)
         return out

@@ -41,6 +41,7 @@ from trainer.checkpoint import (
 from trainer.config import Config
 from trainer.ddim import gaussian_kl_same_std
 from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
+from trainer.loggers import make_loggers
 from trainer.losses import LossInfo
 from trainer.policy import DiffusionPolicy, resolve_pretrained
 from trainer.prompts import load_heldout_prompts, load_prompts
@@ -169,6 +170,8 @@ class Trainer:
         if self.run_folder is not None:
             self.run_folder.write_config(cfg.model_dump())
             self.run_folder.write_run_info({"world_size": self.world_size, "device": str(self.policy.device)})
+            if self.is_main:  # TensorBoard / W&B (run.loggers) mirror the run folder; rank 0 only
+                self.run_folder.loggers = make_loggers(cfg, self.run_folder.path, start_epoch=self.next_epoch)
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -221,6 +224,8 @@ class Trainer:
             if self.run_folder is not None and history:
                 self.run_folder.save_before_after()
         finally:
+            if self.run_folder is not None:
+                self.run_folder.loggers.close()
             if self._owns_reward_client:
                 self.reward_client.close()
             for client in self.eval_reward_clients.values():
