@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -30,13 +31,19 @@ from reward_server.service import RewardService
 from reward_server.settings import ServerSettings
 from shared import binary
 from shared.binary import BinaryRequestError, BinaryScoreRequest
+from shared.errors import status_meanings
 from shared.schemas import ErrorResponse, RewardList, ScoreRequest, ScoreResponse
+from shared.validation import format_validation_error
 
 logger = logging.getLogger(__name__)
 
+# What each status means on POST /score, with the codes it carries (shared/errors.py has the table).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+    status: {
+        "model": ErrorResponse,
+        "description": f"{text} Codes: {', '.join(status_meanings().get(status, ['http_error']))}.",
+    }
+    for status, text in {
         400: "Unknown reward (the reason lists the valid names), or a binary body that is not "
         "well-formed safetensors or whose header disagrees with its length (truncated).",
         401: "Missing or wrong bearer token.",
@@ -52,8 +59,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-# The routes that check the bearer token (check_auth) when an api_key is set; probes stay open.
-TOKEN_ROUTES = frozenset({"/score", "/rewards", "/metrics"})
+# With an api_key, every route needs the bearer token (an app dependency: a route added later is
+# protected too, /docs and /openapi.json included) except these probes: Kubernetes sends no token.
+# Without the token they say only ok / not ready, never why (the reason may hold paths).
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 # Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
 CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
@@ -237,17 +246,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 await loading
             await service.close()
 
-    app = FastAPI(
-        title="ddpo-stack reward server",
-        summary="Scores images for DDPO training: JSON in and out, never pickle.",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.service = service
-    app.add_middleware(HostAllowList, allowed=settings.host_allow_list())
-
     def check_auth(request: Request) -> None:
         if api_key is None:
             return
@@ -258,6 +256,36 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         if not hmac.compare_digest(token.strip().encode(), api_key):
             raise ApiError(401, "unauthorized", "invalid bearer token", {"WWW-Authenticate": "Bearer"})
 
+    async def require_token(request: Request) -> None:
+        """The app-wide dependency: runs before every route's body is read (401 first); async, so it
+        stays on the event loop (a sync dependency would cost a thread hop per request)."""
+        path = getattr(request.scope.get("route"), "path", None)
+        if path in OPEN_PATHS:
+            return
+        try:
+            check_auth(request)
+        except ApiError:
+            if path == "/score":  # counted like every other answer of POST /score
+                metrics.requests.labels("unknown", "401").inc()
+            raise
+
+    app = FastAPI(
+        title="ddpo-stack reward server",
+        summary="Scores images for DDPO training: JSON in and out, never pickle.",
+        version="0.1.0",
+        lifespan=lifespan,
+        dependencies=[Depends(require_token)],
+        # FastAPI serves its own docs as plain routes, which app dependencies do not cover: ours
+        # below are ordinary routes, so the token protects them like the rest.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    app.add_middleware(HostAllowList, allowed=settings.host_allow_list())
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
         metrics.errors.labels(err.error).inc()
@@ -266,10 +294,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         metrics.errors.labels("invalid_request").inc()
-        reason = "; ".join(
-            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors()
-        )
-        return error_response(ApiError(422, "invalid_request", reason[:1000]))
+        return error_response(ApiError(422, "invalid_request", format_validation_error(err, root="body")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -305,7 +330,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         status = 500
         reservation = service.budget.reservation()
         try:
-            check_auth(request)
             if not service.ready:
                 raise service.not_ready_error()
             media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -352,7 +376,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/rewards", response_model=RewardList, responses={401: ERROR_RESPONSES[401]})
     async def rewards(request: Request) -> RewardList:
         """The reward names this server computes (enabled at start-up)."""
-        check_auth(request)
         return RewardList(rewards=service.reward_names)
 
     def authorized(request: Request) -> bool:
@@ -379,7 +402,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]})
     async def prometheus(request: Request) -> Response:
         """Prometheus metrics of this worker process."""
-        check_auth(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
@@ -396,12 +418,25 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             }
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
-                    needs_token = api_key is not None and path in TOKEN_ROUTES
+                    needs_token = api_key is not None and path not in OPEN_PATHS
                     operation["security"] = [{"bearerAuth": []}] if needs_token else []
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
     return app
 
 

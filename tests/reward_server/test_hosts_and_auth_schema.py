@@ -53,7 +53,9 @@ def test_a_remote_bind_accepts_any_host_by_default():
 @pytest.mark.parametrize("api_key", [None, "s3cret-key-1234"])
 def test_every_route_declares_its_auth_and_the_server_agrees(start_reward_server, api_key):
     base = start_reward_server({"api_key": api_key} if api_key else {})
-    spec = httpx.get(base + "/openapi.json").json()
+    # The document itself needs the key when there is one (every route but the probes does).
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    spec = httpx.get(base + "/openapi.json", headers=headers).json()
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
