@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared.schemas import ScoreFields
+from shared.validation import format_validation_error
 
 MEDIA_TYPE = "application/x-safetensors"
 FORMAT = "ddpo.score.v1"
@@ -307,11 +308,7 @@ def request_fields(header: Header) -> ScoreFields:
     try:
         fields = ScoreFields.model_validate(values)
     except ValidationError as err:
-        parts = [
-            f"{'.'.join(str(x) for x in e.get('loc', ())) or 'request'}: {e.get('msg', 'invalid')}"
-            for e in err.errors(include_url=False, include_input=False)
-        ]
-        raise InvalidContentError("__metadata__." + "; ".join(parts)[:1000]) from None
+        raise InvalidContentError("__metadata__." + format_validation_error(err, root="request")) from None
     n = header.shape[0]
     if len(fields.prompts) != n:
         raise InvalidContentError(f"{len(fields.prompts)} prompts for {n} images")

@@ -734,12 +734,10 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}" if where != "config" else msg)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    # The project's one formatter (shared/validation.py); a whole-config error is its message alone.
+    from shared.validation import format_validation_error
+
+    return "invalid configuration:\n  " + format_validation_error(err, sep="\n  ", limit=None)
 
 
 def build_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:

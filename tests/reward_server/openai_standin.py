@@ -46,6 +46,7 @@ class StandinState:
     api_key: str | None = None
     latency_s: float = 0.0
     fail_with: list[int] = field(default_factory=list)  # statuses to answer with, one per call, in order
+    retry_after: str = "0"  # the Retry-After of a scripted 429
     calls: int = 0
     questions: list[str] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)  # request bodies minus the image data
@@ -112,7 +113,7 @@ def create_standin_app(state: StandinState) -> FastAPI:
             await asyncio.sleep(state.latency_s)  # fixed per call, whatever else is in flight
         if state.fail_with:
             status = state.fail_with.pop(0)
-            headers = {"Retry-After": "0"} if status == 429 else None
+            headers = {"Retry-After": state.retry_after} if status == 429 else None
             return _error(status, f"scripted failure {status}", headers)
         try:
             body = await request.json()

@@ -225,3 +225,68 @@ def test_close_cancels_pending_requests(start_reward_server, monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 - cancelled, whatever the exact type
         future.result(timeout=30)
     assert future.cancelled()
+
+
+# --- one retryable set (shared/errors.py) --------------------------------------------------------
+
+STATUSES = [400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 501, 502, 503, 504, 505]
+
+
+def scripted_client(answers: list[tuple[int, dict[str, str]]], **kwargs) -> tuple[HttpRewardClient, list]:
+    """A client whose server answers ``answers`` in turn (then 200 with the right rewards), in process."""
+    import httpx
+
+    from shared import binary
+
+    calls: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        if len(calls) <= len(answers):
+            status, headers = answers[len(calls) - 1]
+            return httpx.Response(status, headers=headers, json={"error": "scripted", "reason": f"{status}"})
+        parsed = binary.decode(request.read(), binary.Limits(64, 10**6, 10**8))
+        rewards = [0.5] * len(parsed.prompts)
+        body = {
+            "request_id": parsed.request_id,
+            "reward": parsed.reward,
+            "rewards": rewards,
+            "details": [{}] * len(rewards),
+        }
+        return httpx.Response(200, json=body)
+
+    client = fast_client("jpeg_compressibility", ["http://stub.invalid"], **kwargs)
+    client._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return client, calls
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_retries_exactly_the_retryable_statuses(status):
+    from shared.errors import is_retryable_status
+
+    client, calls = scripted_client([(status, {})] * 10, max_attempts=3, backoff_initial_s=0.01)
+    with client:
+        future = client.submit(batch(0), PROMPTS)
+        if is_retryable_status(status):
+            with pytest.raises(RewardUnavailableError, match=f"HTTP {status} .* after 3 attempts"):
+                future.result(timeout=30)
+            assert len(calls) == 3
+        else:
+            with pytest.raises(RewardRejectedError, match=f"HTTP {status}") as info:
+                future.result(timeout=30)
+            assert info.value.status == status and len(calls) == 1
+
+
+def test_retry_after_is_honoured_over_a_shorter_backoff():
+    client, calls = scripted_client([(503, {"Retry-After": "1"})], backoff_initial_s=0.01)
+    with client:
+        assert client.submit(batch(0), PROMPTS).result(timeout=30).rewards.tolist() == [0.5] * 3
+    assert len(calls) == 2 and calls[1] - calls[0] >= 1.0
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once():
+    client, calls = scripted_client([(429, {"Retry-After": "30"})], deadline_s=5.0)
+    started = time.monotonic()
+    with client, pytest.raises(RewardDeadlineError, match=r"would pass before attempt 2.*HTTP 429"):
+        client.submit(batch(0), PROMPTS).result(timeout=30)
+    assert len(calls) == 1 and time.monotonic() - started < 2.0

@@ -1,10 +1,11 @@
 """``http`` transport: ``POST /score`` on one or more reward servers, from a background event loop.
 
 Per batch: encode the PNGs off the sampling thread, then up to ``max_attempts`` attempts within
-``deadline_s``. Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
-and jitter (``Retry-After`` honoured when longer); any other 4xx fails at once with the server's
-reason. Every attempt carries the same ``request_id``, so the server's idempotency cache never
-scores a retried batch twice.
+``deadline_s`` (the project's one retry policy, shared/retry.py). Connection errors, timeouts and
+the retryable statuses of shared/errors.py are retried with exponential backoff and jitter
+(``Retry-After`` honoured when longer); any other status fails at once with the server's reason.
+Every attempt carries the same ``request_id``, so the server's idempotency cache never scores a
+retried batch twice.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,15 +22,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from shared import binary
+from shared.errors import is_retryable_status, parse_retry_after
+from shared.retry import RetriesExhausted, RetryPolicy, TransientError
 from shared.schemas import ErrorResponse, ScoreResponse
+from shared.validation import format_validation_error
 from trainer.reward_api import RewardResult
 from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,
-    backoff_delay,
     build_request,
     check_codec,
-    parse_retry_after,
     to_result,
 )
 from trainer.transports.errors import (
@@ -42,16 +43,12 @@ from trainer.transports.errors import (
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
-
-class _Retryable(Exception):
-    """One failed attempt that may succeed if repeated."""
+class _Retryable(TransientError):
+    """One failed attempt that may succeed if repeated; ``refused``: nothing listens at the URL."""
 
     def __init__(self, reason: str, retry_after: float | None = None, refused: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
+        super().__init__(reason, retry_after)
         self.refused = refused
 
 
@@ -83,8 +80,7 @@ class HttpRewardClient(LoopRewardClient):
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
         self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.retry = RetryPolicy(max_attempts, backoff_initial_s, backoff_max_s, deadline_s=deadline_s)
         self.load_balancing = load_balancing
         self._inflight = dict.fromkeys(self.urls, 0)
         self._turn = itertools.count()
@@ -126,46 +122,46 @@ class HttpRewardClient(LoopRewardClient):
         prompts: list[str],
         metadata: Sequence[dict[str, Any]] | None,
     ) -> RewardResult:
-        started = time.monotonic()
-        deadline = started + self.deadline_s
         if isinstance(payload, bytes):
             body = payload
         else:  # PNG encoding is the expensive part: a thread
             body = await asyncio.to_thread(self._encode_json, rid, payload, prompts, metadata)
         failed_url: str | None = None
-        last: _Retryable | None = None
-        for attempt in range(1, self.max_attempts + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            url = self._pick_url(failed_url)
+
+        async def attempt(_number: int, left: float | None) -> RewardResult:
+            nonlocal failed_url
+            url = self._pick_url(failed_url)  # a retry avoids the server that just failed
+            timeout = self.attempt_timeout_s if left is None else min(self.attempt_timeout_s, left)
             try:
-                response = await self._attempt(url, body, min(self.attempt_timeout_s, remaining))
-                return to_result(response, rid, self.reward, len(prompts))
-            except _Retryable as err:
-                last, failed_url = err, url
-                log.info("reward request %s attempt %d/%d: %s", rid, attempt, self.max_attempts, err.reason)
-            if attempt == self.max_attempts:
-                break
-            delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s)
-            if last.retry_after is not None:
-                delay = max(delay, last.retry_after)
-            if time.monotonic() + delay >= deadline:
-                raise RewardDeadlineError(
-                    f"deadline of {self.deadline_s:g} s would pass before attempt {attempt + 1} "
-                    f"of request {rid} ({self.reward}); last error: {last.reason}",
-                    rid,
-                )
-            await asyncio.sleep(delay)
-        elapsed = time.monotonic() - started
-        if last is None or time.monotonic() >= deadline:
-            reason = f"; last error: {last.reason}" if last else ""
-            raise RewardDeadlineError(
-                f"deadline of {self.deadline_s:g} s exceeded for request {rid} ({self.reward}){reason}", rid
+                response = await self._attempt(url, body, timeout)
+            except _Retryable:
+                failed_url = url
+                raise
+            return to_result(response, rid, self.reward, len(prompts))
+
+        def on_retry(number: int, failure: TransientError, delay: float) -> None:
+            log.info("reward request %s attempt %d/%d: %s", rid, number, self.max_attempts, failure.reason)
+
+        try:
+            return await self.retry.run(attempt, on_retry)
+        except RetriesExhausted as err:
+            spent = err
+        last = spent.last
+        if spent.by_deadline:
+            when = (
+                "exceeded"
+                if spent.elapsed_s >= self.deadline_s
+                else f"would pass before attempt {spent.attempts + 1}"
             )
-        hint = " (is the reward server running?)" if last.refused else ""
+            raise RewardDeadlineError(
+                f"deadline of {self.deadline_s:g} s {when} for request {rid} ({self.reward}); "
+                f"last error: {last.reason}",
+                rid,
+            )
+        hint = " (is the reward server running?)" if getattr(last, "refused", False) else ""
         raise RewardUnavailableError(
-            f"{last.reason} after {attempt} attempts in {elapsed:.1f} s, request {rid} ({self.reward}){hint}",
+            f"{last.reason} after {spent.attempts} attempts in {spent.elapsed_s:.1f} s, request {rid} "
+            f"({self.reward}){hint}",
             rid,
         )
 
@@ -197,9 +193,11 @@ class HttpRewardClient(LoopRewardClient):
             try:
                 return ScoreResponse.model_validate_json(response.content)
             except ValidationError as err:
-                raise RewardError(f"malformed answer from {endpoint}: {err}") from None
+                raise RewardError(
+                    f"malformed answer from {endpoint}: {format_validation_error(err, root='response')}"
+                ) from None
         reason = _error_reason(response)
-        if response.status_code in RETRY_STATUSES:
+        if is_retryable_status(response.status_code):
             raise _Retryable(
                 f"HTTP {response.status_code} from {endpoint}: {reason}",
                 retry_after=parse_retry_after(response.headers.get("retry-after")),

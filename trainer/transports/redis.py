@@ -24,6 +24,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis_streams import (
+    DEFAULT_GROUP,
+    DEFAULT_MAX_QUEUED_JOBS,
+    DEFAULT_PREFIX,
+    DEFAULT_STREAM,
     JOB_FIELD,
     REQUEST_FIELD,
     RESULT_FIELD,
@@ -32,12 +36,13 @@ from shared.redis_streams import (
     result_key,
     safe_url,
 )
+from shared.retry import RetriesExhausted, RetryPolicy, TransientError
 from shared.schemas import RedisJob, RedisResult
+from shared.validation import format_validation_error
 from trainer.reward_api import RewardResult
 from trainer.transports.base import (
     BackgroundLoop,
     LoopRewardClient,
-    backoff_delay,
     build_request,
     check_codec,
     to_result,
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 READ_BLOCK_S = 0.25  # the reply reader's XREAD block: how long close() may wait for it to return
 CHECK_INTERVAL_S = 15.0  # how often queued jobs are checked for being lost (workers' claim_idle_s: 60)
 ACTIVE_CONSUMER_S = 30.0  # a consumer seen within this is counted as running in diagnoses
+ENQUEUE_BACKOFF_INITIAL_S = 0.1  # waiting for room in the job stream or for Redis to come back
+ENQUEUE_BACKOFF_MAX_S = 2.0
 
 
 class RedisRewardClient(LoopRewardClient):
@@ -60,11 +67,11 @@ class RedisRewardClient(LoopRewardClient):
         redis_url: str,
         *,
         password: str | None = None,
-        stream: str = "ddpo:rewards:jobs",
-        group: str = "reward-workers",
-        prefix: str = "ddpo:rewards",
+        stream: str = DEFAULT_STREAM,
+        group: str = DEFAULT_GROUP,
+        prefix: str = DEFAULT_PREFIX,
         deadline_s: float = 600.0,
-        max_queued_jobs: int = 10000,
+        max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS,
         codec: str = "binary",
         check_interval_s: float = CHECK_INTERVAL_S,
     ):
@@ -180,11 +187,12 @@ class RedisRewardClient(LoopRewardClient):
 
     async def _enqueue(self, rid: str, fields: list[bytes], deadline: float) -> bytes:
         """XADD the job (returns its entry id); wait while the stream is full or Redis is unreachable,
-        up to the deadline."""
-        attempt = 0
-        while True:
-            attempt += 1
-            problem = ""
+        up to the deadline (the one retry policy, bounded by the deadline alone)."""
+        policy = RetryPolicy(
+            None, ENQUEUE_BACKOFF_INITIAL_S, ENQUEUE_BACKOFF_MAX_S, deadline_s=deadline - time.monotonic()
+        )
+
+        async def attempt(_number: int, _left: float | None) -> bytes:
             try:
                 async with self._enqueue_lock:  # this client's check and add never interleave
                     queued = await self._redis.xlen(self.stream)
@@ -193,14 +201,19 @@ class RedisRewardClient(LoopRewardClient):
                         if len(fields) > 1:
                             entry[REQUEST_FIELD] = fields[1]
                         return await self._redis.xadd(self.stream, entry)  # type: ignore[arg-type]
-                problem = f"job stream {self.stream} full ({queued} jobs queued)"
             except (RedisConnectionError, RedisTimeoutError) as err:
-                problem = f"Redis at {safe_url(self.redis_url)} unreachable: {err}"
-            delay = backoff_delay(attempt, 0.1, 2.0)
-            if time.monotonic() + delay >= deadline:
-                raise RewardDeadlineError(f"could not queue request {rid} ({self.reward}): {problem}", rid)
-            log.info("queueing request %s: %s; retrying in %.1f s", rid, problem, delay)
-            await asyncio.sleep(delay)
+                raise TransientError(f"Redis at {safe_url(self.redis_url)} unreachable: {err}") from None
+            raise TransientError(f"job stream {self.stream} full ({queued} jobs queued)")
+
+        def on_retry(_number: int, failure: TransientError, delay: float) -> None:
+            log.info("queueing request %s: %s; retrying in %.1f s", rid, failure.reason, delay)
+
+        try:
+            return await policy.run(attempt, on_retry)
+        except RetriesExhausted as err:
+            raise RewardDeadlineError(
+                f"could not queue request {rid} ({self.reward}): {err.last.reason}", rid
+            ) from None
 
     async def _read_replies(self) -> None:
         """Resolve waiting futures from this client's reply stream (results for unknown ids are ignored)."""
@@ -221,8 +234,12 @@ class RedisRewardClient(LoopRewardClient):
                     last_id = message_id
                     try:
                         result = RedisResult.model_validate_json(fields[RESULT_FIELD])
-                    except (KeyError, ValidationError) as err:
-                        log.warning("ignoring malformed reply %s: %s", message_id, err)
+                    except KeyError:
+                        log.warning("ignoring reply %s without a %r field", message_id, RESULT_FIELD)
+                        continue
+                    except ValidationError as err:
+                        reason = format_validation_error(err, root="result")
+                        log.warning("ignoring malformed reply %s: %s", message_id, reason)
                         continue
                     waiter = self._pending.get(result.request_id)
                     if waiter is not None and not waiter.done():
@@ -286,7 +303,8 @@ class RedisRewardClient(LoopRewardClient):
                         waiter.set_result(RedisResult.model_validate_json(stored))
                         log.warning("request %s: its reply never came, read its stored result", rid)
                     except ValidationError as err:
-                        log.warning("request %s: malformed stored result: %s", rid, err)
+                        reason = format_validation_error(err, root="result")
+                        log.warning("request %s: malformed stored result: %s", rid, reason)
                 continue
             if not queued:
                 why = (

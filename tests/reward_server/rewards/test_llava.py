@@ -296,3 +296,18 @@ def test_captioner_alignment_reward_over_http(start_reward_server, captioner_fol
     assert rewards == [d["recall"] for d in details]
     assert rewards[0] > rewards[1]
     assert [d["reference"] for d in details] == [f"The image contains {prompt}"] * 2
+
+
+def test_blocking_score_reuses_one_event_loop_and_one_vlm_client(standin):
+    """The in-process path: no asyncio.run per call (a new loop, and a new HTTP pool, every batch)."""
+    _, url = standin
+    scorer = LlavaStrict(vlm(url))
+    metadata = [{"questions": ["what colour is it?"], "answers": ["red"]}]
+    client = scorer.vlm._client
+    for _ in range(3):
+        [out] = scorer.score([solid(RED)], ["a"], metadata)
+        assert out.reward == 1.0
+    loop = scorer._blocking_loop
+    assert loop is not None and scorer.vlm._loop is loop and scorer.vlm._client is client
+    scorer.close()
+    assert loop.is_closed() and client.is_closed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,66 @@ def test_timeout_is_a_transport_error_and_retried(standin):
     with pytest.raises(VLMError, match=r"after 2 attempts.*Timeout"):
         asyncio.run(backend(url, timeout_s=0.2, max_retries=1).answer([solid((10, 10, 10))], ["q"]))
     assert state.calls == 2
+
+
+# --- the one retryable set and Retry-After (shared/errors.py, shared/retry.py) --------------------
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 408, 409, 413, 422, 429, 500, 501, 502, 503, 504, 505])
+def test_retries_exactly_the_retryable_statuses(standin, status):
+    from shared.errors import is_retryable_status
+
+    state, url = standin
+    state.fail_with = [status] * 3
+    vlm = backend(url, max_retries=2)
+    if is_retryable_status(status):
+        with pytest.raises(VLMError, match=f"after 3 attempts.*HTTP {status}"):
+            asyncio.run(vlm.answer([solid((10, 10, 10))], ["q"]))
+        assert state.calls == 3
+    else:
+        with pytest.raises(VLMError, match=f"rejected.*HTTP {status}"):
+            asyncio.run(vlm.answer([solid((10, 10, 10))], ["q"]))
+        assert state.calls == 1
+
+
+def test_retry_after_is_honoured(standin):
+    state, url = standin
+    state.fail_with, state.retry_after = [429], "1"
+    vlm = backend(url, backoff_s=0.01)
+    started = time.monotonic()
+    assert asyncio.run(vlm.answer([solid((10, 10, 10))], ["q"])) == [describe(solid((10, 10, 10)))]
+    assert time.monotonic() - started >= 1.0 and state.calls == 2
+
+
+# --- one HTTP pool, made once ---------------------------------------------------------------------
+
+
+def test_one_client_for_every_call(standin, monkeypatch):
+    import httpx
+
+    made = []
+    original = httpx.AsyncClient.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "__init__", counting)
+    _, url = standin
+    vlm = backend(url)
+
+    async def three_batches() -> None:
+        for _ in range(3):
+            await vlm.answer([solid((10, 10, 10))] * 2, ["q", "q"])
+        await vlm.aclose()
+
+    asyncio.run(three_batches())
+    assert len(made) == 1  # not one per call (it was rebuilt for every new event loop)
+
+
+def test_a_second_event_loop_is_refused_clearly(standin):
+    _, url = standin
+    vlm = backend(url)
+    asyncio.run(vlm.answer([solid((10, 10, 10))], ["q"]))
+    with pytest.raises(RuntimeError, match="second event loop"):
+        asyncio.run(vlm.answer([solid((10, 10, 10))], ["q"]))
