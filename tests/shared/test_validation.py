@@ -56,10 +56,10 @@ def test_every_formatter_is_this_one():
     from trainer.config import ConfigError, build_config
 
     with pytest.raises(ValidationError) as info:
-        ServerSettings(max_batch_size=0)
-    assert describe_settings_error(info.value) == "  " + format_validation_error(
-        info.value, root="settings", sep="\n  ", limit=None
-    )
+        ServerSettings(max_batch_size=0, api_key="short")  # a validator's message: no "Value error, "
+    described = describe_settings_error(info.value)
+    assert described == "  " + format_validation_error(info.value, root="settings", sep="\n  ", limit=None)
+    assert "  api_key: api_key must have at least" in described and "short" not in described
     with pytest.raises(ConfigError) as config_error:
         build_config("tiny", {"run": {"seed": "x"}})
     assert "run.seed: Input should be a valid integer" in str(config_error.value)
