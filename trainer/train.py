@@ -144,7 +144,7 @@ class Trainer:
             else None
         )
         self.algorithm = make_algorithm(cfg.train)
-        if cfg.train.kl_beta > 0:
+        if cfg.train.kl_beta > 0 or cfg.train.log_kl_ref:
             self.policy.keep_reference()
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
@@ -581,6 +581,10 @@ class Trainer:
                     kl = self._kl_to_reference(model_pred, x_t, t_j, prompt_embeds, negative_embeds).mean()
                     loss = loss + t.kl_beta * kl
                     kls.append(float(kl))
+                elif t.log_kl_ref:  # measured only: no gradient, the update is unchanged
+                    with torch.no_grad():
+                        kl = self._kl_to_reference(model_pred.detach(), x_t, t_j, prompt_embeds, negative_embeds)
+                    kls.append(float(kl.mean()))
                 (loss * scale).backward()
             infos.append(info)
             total += loss.item() / num_timesteps

@@ -274,3 +274,20 @@ def test_kl_ref_is_logged_and_zero_without_beta(make_tiny_config):
             assert all(m["kl_ref"] == 0.0 for m in history)
         else:  # epoch 0 starts at the reference (LoRA B = 0); after one update the policy has moved
             assert history[0]["kl_ref"] >= 0 and history[1]["kl_ref"] > 0
+
+
+def test_log_kl_ref_measures_without_changing_the_update(make_tiny_config):
+    """log_kl_ref: kl_ref measured with kl_beta 0 (it grows once the policy moves), weights bit-identical."""
+    runs = {}
+    for log_kl in (False, True):
+        cfg = make_tiny_config(
+            train={"log_kl_ref": log_kl}, run={"num_epochs": 2, "eval_before_training": False}
+        )
+        trainer = Trainer(cfg)
+        runs[log_kl] = (trainer.run(), trainer.policy.trainable_state_dict())
+    (plain, plain_weights), (logged, logged_weights) = runs[False], runs[True]
+    assert all(m["kl_ref"] == 0.0 for m in plain)
+    assert logged[0]["kl_ref"] >= 0 and logged[1]["kl_ref"] > 0  # the policy moved away from the base
+    assert plain_weights.keys() == logged_weights.keys()
+    for name, value in plain_weights.items():
+        assert torch.equal(value, logged_weights[name]), name
