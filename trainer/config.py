@@ -191,6 +191,12 @@ class TrainConfig(_Section):
         "disabled, or a frozen copy with full fine-tuning) added to the loss on every trained step; "
         "logged as kl_ref. Published values 0.004-0.04. Policy-gradient algorithms only.",
     )
+    log_kl_ref: bool = Field(
+        False,
+        description="Measure kl_ref (the KL to the reference policy, as kl_beta's penalty computes it) "
+        "even when kl_beta is 0, for reward-vs-KL comparisons: one more forward pass without gradient "
+        "per trained step; the weights are unchanged.",
+    )
     grpo_std: Literal["group", "global"] = Field(
         "group", description="grpo: divide by the group's reward std, or by the whole batch's."
     )
@@ -499,8 +505,8 @@ class Config(_Section):
             )
         if algorithm == "rwr" and self.model.family == "sd3":
             raise ValueError("train.algorithm rwr is not supported for model.family sd3 (its loss is DDPM's)")
-        if algorithm == "rwr" and self.train.kl_beta > 0:
-            raise ValueError("train.kl_beta applies to policy-gradient algorithms, not rwr")
+        if algorithm == "rwr" and (self.train.kl_beta > 0 or self.train.log_kl_ref):
+            raise ValueError("train.kl_beta and train.log_kl_ref apply to policy-gradient algorithms, not rwr")
         if self.advantage.min_count > self.advantage.buffer_size:
             raise ValueError("advantage.min_count must be <= advantage.buffer_size")
         if self.prompts.set == "file" and not self.prompts.path:
