@@ -1,13 +1,16 @@
 """``ddpo-reward-server``: run the reward server under uvicorn.
 
-Every ``ServerSettings`` field is a flag (``--max-batch-size``, ``--vlm-base-url``, ...); flags
-override the environment (``DDPO_REWARD_*``), which overrides the defaults. Prefer the environment
-for secrets (``DDPO_REWARD_API_KEY``): command lines are visible to other users in ``ps``.
+Every ``ServerSettings`` field is a flag (``--max-batch-size``, ``--vlm-base-url``, ...), made from
+the field itself by pydantic-settings (shared/cli.py: the same mechanism as ``ddpo-train`` and
+``ddpo-reward-worker``), so ``--help`` shows each field's description, default and variable.
+Precedence: flags > ``--config FILE`` (YAML or JSON, field names as keys) > the environment
+(``DDPO_REWARD_*``) > the defaults. Prefer the environment for secrets (``DDPO_REWARD_API_KEY``):
+command lines are visible to other users in ``ps``.
 
-Two flags are about the process, not settings: ``--extra-rewards-module M`` (repeatable) imports
-a plugin that registers more rewards before the reward names are checked, and ``--parent-pid P``
-makes the server exit when process P is gone (a trainer that starts its own server, killed
-without clean-up).
+Three flags are about the process, not settings: ``--config FILE``, ``--extra-rewards-module M``
+(repeatable) imports a plugin that registers more rewards before the reward names are checked, and
+``--parent-pid P`` makes the server exit when process P is gone (a trainer that starts its own
+server, killed without clean-up).
 """
 
 from __future__ import annotations
@@ -19,81 +22,49 @@ import signal
 import sys
 import threading
 import time
-import typing
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliSettingsSource
 
 from reward_server.rewards import import_extra_rewards
 from reward_server.settings import ServerSettings, describe_settings_error
+from shared.cli import ArgumentParser, CommandLineError, add_settings_flags, given_settings, read_config_file
+
+DESCRIPTION = """\
+Serve DDPO rewards over HTTP. Every setting is a flag and a variable: --max-batch-size is
+DDPO_REWARD_MAX_BATCH_SIZE (lists and dicts as JSON there). Flags override --config FILE (YAML or
+JSON), which overrides the environment, which overrides the defaults. Secrets: prefer the environment
+(DDPO_REWARD_API_KEY, DDPO_REWARD_VLM_API_KEY), command lines are visible in `ps`."""
 
 
-def _flag_type(annotation: Any) -> dict[str, Any]:
-    """argparse options for one settings field."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is list:
-        return {"nargs": "+", "metavar": "NAME"}
-    if origin is dict:
-        return {"type": json.loads, "metavar": "JSON"}
-    if origin is typing.Literal:
-        return {"choices": list(args)}
-    if args:  # X | None
-        return _flag_type(args[0])
-    if annotation in (int, float, str):
-        return {"type": annotation}
-    return {"type": str}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ddpo-reward-server",
-        description="Serve DDPO rewards over HTTP (JSON in and out). Flags override DDPO_REWARD_* variables.",
+def add_config_flag(parser: Any) -> None:
+    """``--config FILE`` on a parser or an argument group."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of settings (field names as keys, e.g. max_batch_size: 64); "
+        "flags override it, it overrides the environment.",
     )
-    for name, field in ServerSettings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        if name in ("api_key", "vlm_api_key") and default is not None:
-            default = "***"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=argparse.SUPPRESS,  # unset flags leave the environment / default in charge
-            help=f"{field.description} (env DDPO_REWARD_{name.upper()}; default: {default})",
-            **_flag_type(field.annotation),
-        )
-    return parser
 
 
-def settings_from_args(argv: Sequence[str] | None = None) -> tuple[ServerSettings, dict[str, Any]]:
-    """Settings from env + flags, and the flags that were given."""
-    overrides = vars(build_parser().parse_args(argv))
-    if "rewards" in overrides:  # also accept "a,b" as one argument
-        overrides["rewards"] = [r for item in overrides["rewards"] for r in item.split(",") if r]
-    return ServerSettings(**overrides), overrides
-
-
-def _env_value(value: Any) -> str:
-    """How pydantic-settings reads a value back from the environment."""
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def add_process_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags about the server process itself (not ``ServerSettings`` fields)."""
-    group = parser.add_argument_group("process (not settings)")
-    group.add_argument(
+def add_extra_rewards_flag(parser: Any) -> None:
+    """``--extra-rewards-module M`` (repeatable) on a parser or an argument group."""
+    parser.add_argument(
         "--extra-rewards-module",
         action="append",
         default=[],
         metavar="MODULE",
         help="Import this module (dotted name or .py path) first; it may register more rewards. Repeatable.",
     )
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags about the server process itself (not ``ServerSettings`` fields)."""
+    group = parser.add_argument_group("process (not settings)")
+    add_config_flag(group)
+    add_extra_rewards_flag(group)
     group.add_argument(
         "--parent-pid",
         type=int,
@@ -101,6 +72,49 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
         metavar="PID",
         help="Exit (SIGTERM to self) once this process is no longer our parent, e.g. a trainer that died.",
     )
+
+
+def _command_line() -> tuple[ArgumentParser, CliSettingsSource[Any]]:
+    parser = ArgumentParser(
+        prog="ddpo-reward-server",
+        usage="ddpo-reward-server [--config FILE] [--SETTING VALUE ...]   (--help lists every setting)",
+        description=DESCRIPTION,
+    )
+    add_process_flags(parser)
+    return parser, add_settings_flags(parser, ServerSettings, group="settings")
+
+
+def build_parser() -> ArgumentParser:
+    """The whole command line: process flags and one flag per ``ServerSettings`` field."""
+    return _command_line()[0]
+
+
+def settings_values(
+    namespace: argparse.Namespace, sources: Sequence[tuple[CliSettingsSource[Any], type[BaseSettings]]]
+) -> list[dict[str, Any]]:
+    """Per settings class, the values given by ``--config FILE`` and by flags (flags win)."""
+    from_file = read_config_file(namespace.config) if namespace.config else {}
+    values = []
+    for source, settings_cls in sources:
+        mine = {k: v for k, v in from_file.items() if k in settings_cls.model_fields}
+        values.append({**mine, **given_settings(source, namespace)})
+    unknown = sorted(set(from_file) - {k for _, cls in sources for k in cls.model_fields})
+    if unknown:
+        raise CommandLineError(f"config file {namespace.config}: unknown settings {unknown}")
+    return values
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """(process flags, the settings given by flags or ``--config``), nothing validated yet."""
+    parser, source = _command_line()
+    namespace = parser.parse_args(argv)
+    return namespace, settings_values(namespace, [(source, ServerSettings)])[0]
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> tuple[ServerSettings, dict[str, Any]]:
+    """Settings from flags > config file > env > defaults, and the values flags/file gave."""
+    _process, overrides = parse_command_line(argv)
+    return ServerSettings(**overrides), overrides
 
 
 def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
@@ -117,22 +131,24 @@ def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _env_value(value: Any) -> str:
+    """How pydantic-settings reads a (JSON-mode) value back from the environment."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
-    # Process flags first: plugins must register their rewards before the settings check the names.
-    process_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_process_flags(process_flags)
-    process, rest = process_flags.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:  # one help listing settings and process flags
-        parser = build_parser()
-        add_process_flags(parser)
-        parser.parse_args(rest)
-    if process.parent_pid is not None:
-        exit_with_parent(process.parent_pid)
-    import_extra_rewards(process.extra_rewards_module)
     try:
-        settings, overrides = settings_from_args(rest)
+        process, overrides = parse_command_line(argv)
+        if process.parent_pid is not None:
+            exit_with_parent(process.parent_pid)
+        # Plugins register their rewards before the settings check the names.
+        import_extra_rewards(process.extra_rewards_module)
+        settings = ServerSettings(**overrides)
+    except CommandLineError as err:
+        print(f"ddpo-reward-server: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValidationError as err:
         print(f"ddpo-reward-server: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -142,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         uvicorn.run(create_app(settings), **common)
         return
-    # Worker processes build their own app from the environment: hand them the flags that way.
-    for name, value in overrides.items():
+    # Worker processes build their own app from the environment: hand them the given values that way.
+    for name, value in settings.model_dump(mode="json", include=set(overrides)).items():
         os.environ[f"DDPO_REWARD_{name.upper()}"] = _env_value(value)
     uvicorn.run("reward_server.app:app_from_env", factory=True, workers=settings.workers, **common)
 

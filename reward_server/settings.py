@@ -1,6 +1,9 @@
 """Every knob of the reward server, read from the environment (prefix ``DDPO_REWARD_``) or the CLI.
 
-One flat ``ServerSettings`` so that ``--help``, the environment and the docs list the same names.
+``ScoringSettings``: what scoring needs (rewards, models, batching, limits), shared by the HTTP server
+and the Redis worker (``ddpo-reward-worker`` shows only these besides its own). ``ServerSettings``
+adds the HTTP side (bind address, workers, auth). Flat, so that ``--help``, the environment and the
+docs list the same names (``--max-batch-size`` = ``DDPO_REWARD_MAX_BATCH_SIZE``; reward_server/cli.py).
 Bad values fail at start-up, not on the first request.
 """
 
@@ -10,7 +13,7 @@ import ipaddress
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliVariadicArg, SettingsConfigDict
 
 MIN_API_KEY_LENGTH = 8
 CHEAP_REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]
@@ -38,10 +41,13 @@ def is_loopback_host(host: str) -> bool:
         return False  # a hostname: assume it may resolve to a public interface
 
 
-class ServerSettings(BaseSettings):
-    """Reward server configuration. Environment: ``DDPO_REWARD_<FIELD>`` (lists/dicts as JSON)."""
+SETTINGS_CONFIG = SettingsConfigDict(env_prefix="DDPO_REWARD_", extra="forbid", validate_default=True)
 
-    model_config = SettingsConfigDict(env_prefix="DDPO_REWARD_", extra="forbid", validate_default=True)
+
+class HttpSettings(BaseSettings):
+    """The HTTP server's own settings (a Redis worker has none of these)."""
+
+    model_config = SETTINGS_CONFIG
 
     # --- network and security ---------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address to bind; loopback by default.")
@@ -58,19 +64,38 @@ class ServerSettings(BaseSettings):
         default=False,
         description="Allow a non-loopback host without an api_key (anyone reaching the port can score).",
     )
-    allowed_hosts: list[str] = Field(
-        default_factory=list,
+    allowed_hosts: CliVariadicArg[list[str]] = Field(
+        default=[],
         description="Host header values accepted (DNS-rebinding guard), without the port, e.g. "
         "reward.internal 10.0.0.5; '*' accepts any. Empty (default): the loopback names "
         "(127.0.0.1, localhost, ::1) when bound to loopback, any host otherwise. Others get 400.",
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough_key(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("an API key must not be empty (leave it unset instead)")
+        if key is not None and len(key.strip()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"api_key must have at least {MIN_API_KEY_LENGTH} characters (e.g. `openssl rand -hex 16`)"
+            )
+        return key
+
+
+class ScoringSettings(BaseSettings):
+    """What scoring needs: rewards, their models, batching and limits. Environment:
+    ``DDPO_REWARD_<FIELD>`` (lists/dicts as JSON). The Redis worker scores with these alone."""
+
+    model_config = SETTINGS_CONFIG
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="uvicorn/server log level."
     )
 
     # --- which rewards --------------------------------------------------------------------------
-    rewards: list[str] = Field(
-        default_factory=lambda: list(CHEAP_REWARDS),
+    rewards: CliVariadicArg[list[str]] = Field(
+        default=CHEAP_REWARDS,
         description="Rewards to load and serve; model-based ones (aesthetic, llava_*) must be listed.",
     )
 
@@ -120,7 +145,7 @@ class ServerSettings(BaseSettings):
         default=1024, ge=1, description="Images waiting for a batch, per reward; beyond it: 429."
     )
     batching: dict[str, BatchingOverride] = Field(
-        default_factory=dict,
+        default={},
         description='Per-reward overrides, e.g. {"llava_bertscore": {"max_batch_size": 64}}.',
     )
 
@@ -247,37 +272,15 @@ class ServerSettings(BaseSettings):
         template.format(prompt="x")  # other braces would fail at scoring time; fail now
         return template
 
-    @field_validator("api_key", "vlm_api_key")
+    @field_validator("vlm_api_key")
     @classmethod
     def _non_empty_key(cls, key: str | None) -> str | None:
         if key is not None and not key.strip():
             raise ValueError("an API key must not be empty (leave it unset instead)")
         return key
 
-    @field_validator("api_key")
-    @classmethod
-    def _long_enough_key(cls, key: str | None) -> str | None:
-        if key is not None and len(key.strip()) < MIN_API_KEY_LENGTH:
-            raise ValueError(
-                f"api_key must have at least {MIN_API_KEY_LENGTH} characters (e.g. `openssl rand -hex 16`)"
-            )
-        return key
-
-    LOOPBACK_NAMES: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost", "::1")
-
-    def host_allow_list(self) -> list[str]:
-        """The Host header values accepted; ['*'] for any."""
-        if self.allowed_hosts:
-            return [h.lower() for h in self.allowed_hosts]
-        return list(self.LOOPBACK_NAMES) if is_loopback_host(self.host) else ["*"]
-
     @model_validator(mode="after")
-    def _secure_bind(self) -> ServerSettings:
-        if not is_loopback_host(self.host) and self.api_key is None and not self.allow_insecure_remote:
-            raise ValueError(
-                f"refusing to bind non-loopback host {self.host!r} without an api_key; set api_key "
-                "(--api-key / DDPO_REWARD_API_KEY) or allow_insecure_remote=true if you really mean it"
-            )
+    def _consistent(self) -> ScoringSettings:
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError(
                 "max_images_per_request must not exceed max_queue_images (it could never be queued)"
@@ -311,6 +314,29 @@ class ServerSettings(BaseSettings):
             self.max_wait_ms if override.max_wait_ms is None else override.max_wait_ms,
             override.max_concurrent_batches or self.max_concurrent_batches,
         )
+
+
+class ServerSettings(ScoringSettings, HttpSettings):
+    """Reward server configuration: the HTTP settings, then the scoring ones (that order in ``--help``)."""
+
+    model_config = SETTINGS_CONFIG
+
+    LOOPBACK_NAMES: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost", "::1")
+
+    def host_allow_list(self) -> list[str]:
+        """The Host header values accepted; ['*'] for any."""
+        if self.allowed_hosts:
+            return [h.lower() for h in self.allowed_hosts]
+        return list(self.LOOPBACK_NAMES) if is_loopback_host(self.host) else ["*"]
+
+    @model_validator(mode="after")
+    def _secure_bind(self) -> ServerSettings:
+        if not is_loopback_host(self.host) and self.api_key is None and not self.allow_insecure_remote:
+            raise ValueError(
+                f"refusing to bind non-loopback host {self.host!r} without an api_key; set api_key "
+                "(--api-key / DDPO_REWARD_API_KEY) or allow_insecure_remote=true if you really mean it"
+            )
+        return self
 
 
 def describe_settings_error(err: ValidationError) -> str:

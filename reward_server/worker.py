@@ -10,7 +10,7 @@ idle time, so slow jobs of a live worker are not stolen. Poison jobs (undecodabl
 bad images, redelivered too often) go to the dead-letter stream and are answered with an error.
 
     ddpo-reward-worker --redis-url redis://127.0.0.1:6379/0 --rewards jpeg_compressibility
-    ddpo-reward-worker --help     # worker flags (DDPO_WORKER_*) and every server setting (DDPO_REWARD_*)
+    ddpo-reward-worker --help     # worker settings (DDPO_WORKER_*), scoring settings (DDPO_REWARD_*)
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from reward_server.budget import BODY_BYTES_FACTOR
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
-from reward_server.settings import ServerSettings, describe_settings_error
+from reward_server.settings import ScoringSettings, ServerSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
+from shared.cli import ArgumentParser, CommandLineError, add_settings_flags
 from shared.errors import parse_retry_after
 from shared.redis_streams import (
     DEFAULT_GROUP,
@@ -546,60 +547,51 @@ def import_extra_rewards(modules: Sequence[str]) -> None:
             importlib.import_module(name)
 
 
+def _command_line() -> tuple[argparse.ArgumentParser, list[tuple[Any, type[BaseSettings]]]]:
+    """The worker's flags only: its own settings, the scoring settings and two process flags."""
+    from reward_server.cli import add_config_flag, add_extra_rewards_flag
+
+    parser = ArgumentParser(
+        prog="ddpo-reward-worker",
+        usage="ddpo-reward-worker [--config FILE] [--SETTING VALUE ...]   (--help lists every setting)",
+        description="Score DDPO reward jobs from a Redis Stream (docs/transport.md). Every setting is a\n"
+        "flag and a variable: worker settings DDPO_WORKER_*, scoring settings DDPO_REWARD_* (the reward\n"
+        "server's). Flags override --config FILE (YAML or JSON, field names as keys), which overrides\n"
+        "the environment, which overrides the defaults.",
+    )
+    process = parser.add_argument_group("process (not settings)")
+    add_config_flag(process)
+    add_extra_rewards_flag(process)
+    sources = [
+        (add_settings_flags(parser, WorkerSettings, group="worker"), WorkerSettings),
+        (add_settings_flags(parser, ScoringSettings, group="scoring"), ScoringSettings),
+    ]
+    return parser, sources
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from reward_server.cli import build_parser as server_parser
-
-    parser = server_parser()
-    parser.prog = "ddpo-reward-worker"
-    parser.description = (
-        "Score DDPO reward jobs from a Redis Stream (docs/transport.md). Worker flags override "
-        "DDPO_WORKER_* variables; scoring flags (the reward server's) override DDPO_REWARD_*."
-    )
-    group = parser.add_argument_group("worker")
-    group.add_argument(
-        "--extra-rewards-module",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="Import this module (dotted name or .py path) first; it may register more rewards. Repeatable.",
-    )
-    for name, field in WorkerSettings.model_fields.items():
-        default = (
-            "***"
-            if name == "redis_password"
-            else (field.default if field.default_factory is None else "(computed)")
-        )
-        annotation = field.annotation
-        kind = {int: int, float: float}.get(annotation, str)  # type: ignore[arg-type]
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest="worker_" + name,
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"{field.description} (env DDPO_WORKER_{name.upper()}; default: {default})",
-        )
-    return parser
+    return _command_line()[0]
 
 
-def settings_from_args(argv: Sequence[str] | None) -> tuple[WorkerSettings, ServerSettings]:
-    # Extra rewards must be registered before ServerSettings checks the reward names.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--extra-rewards-module", action="append", default=[])
-    known, _ = pre.parse_known_args(argv)
+def settings_from_args(argv: Sequence[str] | None) -> tuple[WorkerSettings, ScoringSettings]:
+    """Flags > ``--config FILE`` > environment > defaults, validated (``ValidationError`` names the field)."""
+    from reward_server.cli import settings_values
+
+    parser, sources = _command_line()
+    namespace = parser.parse_args(argv)
+    # Extra rewards must be registered before ScoringSettings checks the reward names.
     env_modules = [m for m in os.environ.get("DDPO_WORKER_EXTRA_REWARDS_MODULES", "").split(",") if m]
-    import_extra_rewards(env_modules + known.extra_rewards_module)
-    args = vars(build_parser().parse_args(argv))
-    args.pop("extra_rewards_module", None)
-    worker = {k.removeprefix("worker_"): v for k, v in args.items() if k.startswith("worker_")}
-    server = {k: v for k, v in args.items() if not k.startswith("worker_")}
-    if "rewards" in server:  # also accept "a,b" as one argument
-        server["rewards"] = [r for item in server["rewards"] for r in item.split(",") if r]
-    return WorkerSettings(**worker), ServerSettings(**server)
+    import_extra_rewards(env_modules + namespace.extra_rewards_module)
+    worker, scoring = settings_values(namespace, sources)
+    return WorkerSettings(**worker), ScoringSettings(**scoring)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         worker_settings, server_settings = settings_from_args(argv)
+    except CommandLineError as err:
+        print(f"ddpo-reward-worker: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValidationError as err:
         print(f"ddpo-reward-worker: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
