@@ -1,4 +1,13 @@
-"""``ddpo-train``: train with a preset and any field overridden from the command line."""
+"""``ddpo-train``: train with a preset and any field overridden from the command line.
+
+The command line is made by pydantic-settings from the config's own fields (shared/cli.py: the same
+mechanism as ``ddpo-reward-server`` and ``ddpo-reward-worker``): one ``--section.field VALUE`` flag
+per field, documented in ``--help`` by its description. The library only *reads* the flags; the
+layering stays ours because a preset chosen on the same command line must be the base the flags
+override, which a settings-source priority cannot express: preset < ``--config FILE`` (YAML or JSON)
+< flags, then one validation (``build_config``), so a bad value is a ``ConfigError`` naming the field.
+Flags keep the field names as they are (``--run.output_dir``, like config.json and the manifests).
+"""
 
 from __future__ import annotations
 
@@ -6,47 +15,67 @@ import argparse
 import logging
 import sys
 import warnings
+from typing import Any
 
+from pydantic_settings import CliSettingsSource
+
+from shared.cli import ArgumentParser, CommandLineError, given_settings
 from trainer.config import (
     PRESETS,
+    Config,
     ConfigError,
+    add_config_flags,
     build_config,
     deep_merge,
-    describe_fields,
     load_config_file,
-    parse_overrides,
 )
 
-USAGE = """ddpo-train [--preset NAME] [--config FILE.json] [--section.field VALUE ...]
+USAGE = """ddpo-train [--preset NAME] [--config FILE] [--section.field VALUE ...] [--print-config]
 
-Fine-tune a diffusion model with DDPO. Start from a preset, optionally a JSON config file (e.g. a
-run folder's config.json), then override any field, e.g.:
+Fine-tune a diffusion model with DDPO. Start from a preset, optionally a YAML or JSON config file
+(e.g. a run folder's config.json), then override any field, e.g.:
 
   ddpo-train --preset tiny                                  # a few minutes on CPU
   ddpo-train --preset compressibility --model.pretrained /models/sd-v1-4
   ddpo-train --preset tiny --train.learning_rate 1e-3 --run.num_epochs 5
   ddpo-train --run.resume runs/tiny    # continue a run exactly, with its own config.json
+
+Values: numbers and strings as they are, booleans true/false, null for None, lists as a,b or JSON.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ddpo-train",
-        usage=USAGE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets: {', '.join(sorted(PRESETS))}\n\nconfiguration fields:{describe_fields()}",
+def build_parser() -> tuple[ArgumentParser, CliSettingsSource[Any]]:
+    """The whole command line, and the source that reads the ``--section.field`` values back."""
+    parser = ArgumentParser(prog="ddpo-train", usage=USAGE, epilog=f"presets: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME", help="start from this preset")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON config file (sections as keys) applied on top of the preset; flags override it",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset")
-    parser.add_argument("--config", help="JSON config file applied on top of the preset")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args, rest = parser.parse_known_args(argv)
+    return parser, add_config_flags(parser)
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """(the options, the validated config): preset < --config file < flags; ConfigError names the field."""
+    parser, source = build_parser()
     try:
-        overrides = deep_merge(load_config_file(args.config) if args.config else {}, parse_overrides(rest))
-        resume = overrides.get("run", {}).get("resume")
-        if resume:
-            # A resumed run continues with its own config; command-line overrides still apply on top.
-            overrides = deep_merge(stored_run_config(resume), overrides)
-        cfg = build_config(args.preset, overrides)
+        args = parser.parse_args(argv)
+        from_file = load_config_file(args.config) if args.config else {}
+        overrides = deep_merge(from_file, given_settings(source, args))
+    except CommandLineError as err:
+        raise ConfigError(str(err)) from None
+    resume = overrides.get("run", {}).get("resume")
+    if resume:
+        # A resumed run continues with its own config; command-line overrides still apply on top.
+        overrides = deep_merge(stored_run_config(resume), overrides)
+    return args, build_config(args.preset, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, cfg = parse_command_line(argv)
     except (ConfigError, FileNotFoundError) as err:
         print(f"ddpo-train: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Typed, documented configuration of a training run; presets; command-line overrides.
 
-Every field has a description (``ddpo-train --help`` prints them all). Unknown fields and bad
+Every field has a description (``ddpo-train --help`` prints them all: one ``--section.field`` flag
+per field, made by pydantic-settings from the field itself, shared/cli.py). Unknown fields and bad
 values are errors that name the field, e.g. ``train.learning_rate: Input should be greater than 0``.
 Batch sizes are per process (per rank); with torchrun the global batch is world_size times larger.
 """
@@ -20,6 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, CliSettingsSource
+
+from shared.cli import ArgumentParser, CommandLineError, add_settings_flags, given_settings, read_config_file
 
 
 class _Section(BaseModel):
@@ -49,7 +53,7 @@ class ModelConfig(_Section):
     lora_rank: int = Field(4, ge=1, description="LoRA rank r.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = lora_rank (scale 1).")
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        default=["to_q", "to_k", "to_v", "to_out.0"],
         description="UNet module names that get LoRA adapters.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
@@ -782,60 +786,40 @@ def with_algorithm(cfg: Config, algorithm: str) -> Config:
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def _parse_value(text: str) -> Any:
-    """CLI value: JSON when it parses (numbers, true/false, null, lists), else the plain string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+class _ConfigFlags(BaseSettings, Config):
+    """``Config`` as pydantic-settings sees it, only to make its command-line flags (never built)."""
+
+
+def add_config_flags(parser: ArgumentParser) -> CliSettingsSource[Any]:
+    """One ``--section.field VALUE`` flag per ``Config`` field on ``parser``, documented by the field.
+
+    Values are read as given (lists also as ``a,b`` or JSON, ``null`` for None) and validated by
+    ``build_config``; read them back with ``shared.cli.given_settings``.
+    """
+    return add_settings_flags(parser, _ConfigFlags, kebab_case=False)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--train.learning_rate", "1e-3", "--sample.eta=0.5"]`` -> nested dict. Errors name the arg."""
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field VALUE")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{key}: missing value")
-            value = args[i + 1]
-            i += 1
-        node = overrides
-        *parents, leaf = key.replace("-", "_").split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: conflicts with another override")
-        node[leaf] = _parse_value(value)
-        i += 1
-    return overrides
+    """``["--train.learning_rate", "1e-3", "--sample.eta=0.5"]`` -> nested dict, by the same parser as
+    ``ddpo-train``'s. Unknown flags and missing values are ``ConfigError``s naming the flag."""
+    parser = ArgumentParser(prog="ddpo-train")
+    source = add_config_flags(parser)
+    try:
+        return given_settings(source, parser.parse_args(args))
+    except CommandLineError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A JSON config file (e.g. a run folder's config.json) as nested overrides."""
+    """A YAML or JSON config file (e.g. a run folder's config.json) as nested overrides."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
-    return data
+        return read_config_file(path)
+    except CommandLineError as err:
+        raise ConfigError(str(err)) from None
 
 
 def describe_fields() -> str:
-    """Every field with type, default and description: the body of ``--help``."""
-    lines = []
-    for section_name, section_field in Config.model_fields.items():
-        section_cls = section_field.annotation
-        lines.append(f"\n[{section_name}]")
-        for name, field in section_cls.model_fields.items():  # type: ignore[union-attr]
-            default = field.default_factory() if field.default_factory else field.default
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            annotation = annotation.replace("typing.", "")
-            lines.append(f"  --{section_name}.{name} ({annotation}, default {json.dumps(default)})")
-            lines.append(f"      {field.description}")
-    return "\n".join(lines)
+    """Every field's flag with type, default and description: the body of ``ddpo-train --help``."""
+    parser = ArgumentParser(prog="ddpo-train", add_help=False)
+    add_config_flags(parser)
+    return parser.format_help()
