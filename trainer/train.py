@@ -583,7 +583,9 @@ class Trainer:
                     kls.append(float(kl))
                 elif t.log_kl_ref:  # measured only: no gradient, the update is unchanged
                     with torch.no_grad():
-                        kl = self._kl_to_reference(model_pred.detach(), x_t, t_j, prompt_embeds, negative_embeds)
+                        kl = self._kl_to_reference(
+                            model_pred.detach(), x_t, t_j, prompt_embeds, negative_embeds
+                        )
                     kls.append(float(kl.mean()))
                 (loss * scale).backward()
             infos.append(info)
