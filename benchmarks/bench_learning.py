@@ -15,6 +15,9 @@ Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 40] [--alg
         [--set train.learning_rate=1e-3 ...] [--jobs 2] [--out docs/bench_learning]
 Each finished run is kept as ``<out>/runs/<algorithm>-seed<k>.json``; a rerun skips those
 (``--fresh`` discards them), and ``--report`` only rebuilds the table and plot from them.
+A variant (``--set`` overrides) gets its own rows and files with ``--label NAME``, e.g.
+``--algorithms ddpo_is --label staleness1 --set train.max_staleness=1``. Runs that log ``kl_ref``
+(``train.kl_beta > 0`` or ``train.log_kl_ref=true``) add a reward-vs-KL panel to the plot.
 ``--jobs N`` runs N trainings at once, each on cores / N torch threads.
 Rewards are scored in process (transport local: the same scorer code the reward server runs) so
 the runs measure learning, not transport; ``--transport http`` runs each through its own embedded
@@ -45,6 +48,7 @@ CURVES = {
     "reward": "eval_reward_mean",
     "heldout_reward": "eval_heldout_reward_mean",
     "diversity": "eval_diversity",
+    "kl_ref": "kl_ref",  # per epoch: nonzero with train.kl_beta > 0 or train.log_kl_ref
 }
 
 
@@ -90,7 +94,19 @@ def run_one(
         for name, key in CURVES.items():
             if key in m:
                 curves[name].append([queries, m[key]])
-    return {"algorithm": algorithm, "seed": seed, "seconds": seconds, "curves": curves, "overrides": args.set}
+    return {
+        "algorithm": algorithm,
+        "label": args.label,
+        "seed": seed,
+        "seconds": seconds,
+        "curves": curves,
+        "overrides": args.set,
+    }
+
+
+def run_name(algorithm: str, label: str) -> str:
+    """Table row and file name of a run: the algorithm, and the variant's label if any."""
+    return f"{algorithm}-{label}" if label else algorithm
 
 
 def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float, float]:
@@ -100,7 +116,7 @@ def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float,
 
 def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
     header = (
-        f"{'algorithm':<10} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
+        f"{'algorithm':<16} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
         f"{'eval reward (train prompts)':^29} | {'min/run':>7}"
     )
     lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
@@ -110,7 +126,7 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
             (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
             cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
         minutes = np.mean([r["seconds"] for r in runs]) / 60
-        lines.append(f"{algorithm:<10} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
+        lines.append(f"{algorithm:<16} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
                      f"{minutes:7.1f}")  # fmt: skip
     table = "\n".join(lines)
     print(table, flush=True)
@@ -128,8 +144,13 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ("heldout", "caption accuracy, held-out prompts"),
         ("reward", "reward (BERTScore recall), training prompts"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=110)
-    for ax, (name, title) in zip(axes, panels, strict=True):
+    with_kl = any(
+        any(v > 0 for _, v in r["curves"].get("kl_ref", [])) for runs in results.values() for r in runs
+    )
+    fig, axes = plt.subplots(1, len(panels) + with_kl, figsize=(6 * (len(panels) + with_kl), 4.2), dpi=110)
+    if with_kl:
+        reward_vs_kl(results, axes[-1])
+    for ax, (name, title) in zip(axes, panels, strict=False):
         for algorithm, runs in results.items():
             x = np.array([q for q, _ in runs[0]["curves"][name]])
             y = np.array([[v for _, v in r["curves"][name]] for r in runs])
@@ -143,6 +164,24 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def reward_vs_kl(results: dict[str, list[dict[str, Any]]], ax: Any) -> None:
+    """The KL-reward trade-off: each run's eval reward against its KL to the base at that epoch."""
+    for name, runs in results.items():
+        xs, ys = [], []
+        for run in runs:
+            kl = dict(run["curves"].get("kl_ref", []))
+            for queries, reward in run["curves"]["reward"][1:]:  # evals after training began
+                if queries in kl:
+                    xs.append(kl[queries])
+                    ys.append(reward)
+        ax.scatter(xs, ys, s=12, label=f"{name} ({len(runs)} seeds)")
+    ax.set_title("reward vs KL to the base model (every eval)")
+    ax.set_xlabel("kl_ref (mean per-step KL, training samples of that epoch)")
+    ax.set_ylabel("eval reward, training prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def main() -> None:
@@ -165,6 +204,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (cores are split)")
     parser.add_argument("--fresh", action="store_true", help="discard finished runs kept under --out")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
+    parser.add_argument(
+        "--label", default="", help="a variant's name (with --set): its runs are kept and shown apart"
+    )
     args = parser.parse_args()
     if args.transport == "http":
         args.set.append("reward.embed_server=true")
@@ -184,7 +226,7 @@ def main() -> None:
         (algorithm, seed)
         for algorithm in args.algorithms
         for seed in args.seeds
-        if not (runs_out / f"{algorithm}-seed{seed}.json").exists()
+        if not (runs_out / f"{run_name(algorithm, args.label)}-seed{seed}.json").exists()
     ]
     if not args.report and todo:
         resolve_pretrained("digits")  # build (or reuse) the shared base once, before the clock starts
@@ -198,16 +240,20 @@ def main() -> None:
             for future in as_completed(futures):
                 algorithm, seed = futures[future]
                 run = future.result()
-                (runs_out / f"{algorithm}-seed{seed}.json").write_text(json.dumps(run) + "\n")
+                name = run_name(algorithm, args.label)
+                (runs_out / f"{name}-seed{seed}.json").write_text(json.dumps(run) + "\n")
                 train = run["curves"]["train"]
-                print(f"{algorithm} seed {seed}: train accuracy {train[0][1]:.3f} -> {train[-1][1]:.3f} "
+                print(f"{name} seed {seed}: train accuracy {train[0][1]:.3f} -> {train[-1][1]:.3f} "
                       f"({run['seconds'] / 60:.1f} min)", flush=True)  # fmt: skip
+    # Every kept run of the chosen algorithms, each variant (label) its own row.
     results: dict[str, list[dict[str, Any]]] = {}
-    for algorithm in args.algorithms:
-        for seed in args.seeds:
-            path = runs_out / f"{algorithm}-seed{seed}.json"
-            if path.exists():
-                results.setdefault(algorithm, []).append(json.loads(path.read_text()))
+    for path in sorted(runs_out.glob("*-seed*.json")):
+        run = json.loads(path.read_text())
+        if run["algorithm"] in args.algorithms and run["seed"] in args.seeds:
+            results.setdefault(run_name(run["algorithm"], run.get("label", "")), []).append(run)
+    results = dict(
+        sorted(results.items(), key=lambda item: (args.algorithms.index(item[1][0]["algorithm"]), item[0]))
+    )
     if not results:
         raise SystemExit(f"no finished runs under {runs_out}")
     any_run = next(iter(results.values()))[0]
