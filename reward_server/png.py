@@ -3,6 +3,12 @@
 The server charges every image's decoded size against the memory budget and refuses images over
 ``max_image_pixels`` (413) from this header alone, before the decoder allocates anything; the
 full decode (shared/codec.py, with PIL) happens later, one scorer batch at a time.
+
+The wire contract is 8-bit RGB (docs/reward_server.md "Image formats"): any size, interlaced or
+not, any ancillary chunks. Every other PNG is refused (422) with a reason naming what it is, never
+converted: 16-bit samples would have to be rounded, alpha or a tRNS chunk composited onto a
+background the server would have to choose, and grayscale or palette images are not what the
+trainer sends (a client that optimizes its PNGs must keep them RGB).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from shared.codec import ImageDecodeError, ImageTooLargeError
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HEADER_B64_CHARS = 44  # 33 bytes: signature (8) + IHDR length/type (8) + IHDR data (13) + CRC (4)
 COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
+CONVERT_HINT = "convert it to 8-bit RGB without transparency before sending"
 
 
 class PngHeaderError(ImageDecodeError):
@@ -53,7 +60,7 @@ def png_header_b64(data: str) -> PngHeader:
         raise PngHeaderError(f"invalid PNG size {width}x{height}")
     if color_type != 2 or bit_depth != 8:
         kind = COLOR_TYPES.get(color_type, f"color type {color_type}")
-        raise PngHeaderError(f"expected an 8-bit RGB image, got {bit_depth}-bit {kind}")
+        raise PngHeaderError(f"expected an 8-bit RGB PNG, got {bit_depth}-bit {kind}: {CONVERT_HINT}")
     return PngHeader(width, height)
 
 
@@ -76,6 +83,8 @@ def decode_rgb_png_b64(data: str, max_pixels: int) -> np.ndarray:
             with Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
                 if img.size != (header.width, header.height) or img.mode != "RGB":
                     raise ImageDecodeError(f"expected an RGB image, got mode {img.mode}")
+                if "transparency" in img.info:  # a tRNS chunk (before the pixels: read by open)
+                    raise ImageDecodeError(f"expected an opaque PNG, got a tRNS chunk: {CONVERT_HINT}")
                 img.load()
                 del raw
                 return np.asarray(img, dtype=np.uint8)
