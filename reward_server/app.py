@@ -64,6 +64,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # Without the token they say only ok / not ready, never why (the reason may hold paths).
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
+# The documentation pages' assets, at exact versions (FastAPI's defaults are floating majors such as
+# swagger-ui-dist@5, so a new release on the CDN would run in every reader's browser unreviewed);
+# no Google Fonts for ReDoc and no favicon from fastapi.tiangolo.com. Bump deliberately.
+SWAGGER_UI_VERSION = "5.35.0"
+REDOC_VERSION = "2.5.4"
+SWAGGER_UI_CDN = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+REDOC_JS_URL = f"https://cdn.jsdelivr.net/npm/redoc@{REDOC_VERSION}/bundles/redoc.standalone.js"
+FAVICON_URL = f"{SWAGGER_UI_CDN}/favicon-32x32.png"
+
 # Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
 CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 
@@ -431,11 +440,23 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{SWAGGER_UI_CDN}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_UI_CDN}/swagger-ui.css",
+            swagger_favicon_url=FAVICON_URL,
+        )
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=REDOC_JS_URL,
+            redoc_favicon_url=FAVICON_URL,
+            with_google_fonts=False,
+        )
 
     return app
 
