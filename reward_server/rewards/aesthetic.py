@@ -105,7 +105,10 @@ class AestheticScorer(Scorer):
         """L2-normalized CLIP image embeddings, shape (batch, projection_dim)."""
         import torch
 
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        # Our arrays are always H x W x 3: said explicitly, since the processor otherwise guesses the
+        # channel axis and takes an image 1 or 3 pixels high for channels-first.
+        pixels = self.processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+        pixels = pixels["pixel_values"].to(self.device)
         with torch.inference_mode():
             embeds = self.clip(pixel_values=pixels).image_embeds
         return embeds / embeds.norm(dim=-1, keepdim=True)

@@ -151,3 +151,27 @@ def test_served_over_http(tiny_aesthetic, start_reward_server):
     response = httpx.post(base_url + "/score", json=body, timeout=30)
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["rewards"], by_hand(folder, state, imgs), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 3), (3, 16, 3), (3, 3, 3), (40, 3, 3)])
+def test_thin_images_are_read_channels_last(tiny_aesthetic, shape):
+    """An image 1 or 3 pixels high (or wide) scores as the same pixels given as a PIL image.
+
+    The CLIP processor guesses the channel axis of an array; (3, 16, 3) looks channels-first to it.
+    """
+    from PIL import Image
+
+    folder, _ = tiny_aesthetic
+    settings = ServerSettings(
+        rewards=["aesthetic"],
+        aesthetic_clip_model=str(folder / "clip"),
+        aesthetic_mlp_path=str(folder / "mlp.safetensors"),
+    )
+    scorer = build_scorer("aesthetic", settings)
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    got = scorer.embed([image])
+    pixels = scorer.processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        expected = scorer.clip(pixel_values=pixels).image_embeds
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
