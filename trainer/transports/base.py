@@ -1,9 +1,11 @@
-"""Pieces shared by the remote transports: a private event loop thread, backoff, request building."""
+"""Pieces shared by the remote transports: a private event loop thread, request building.
+
+Retries are not here: every transport uses the one policy of shared/retry.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
@@ -104,26 +106,6 @@ class LoopRewardClient(RewardClient):
     ) -> RewardResult:
         """``payload``: the binary body (codec 'binary') or a copy of the images (codec 'json')."""
         raise NotImplementedError
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Exponential backoff with jitter: about initial * 2**(attempt-1), capped; attempt counts from 1.
-
-    Jitter in [d/2, d] keeps many trainers from retrying in lock-step after a server restart.
-    """
-    delay = min(maximum, initial * 2 ** (attempt - 1))
-    return delay * random.uniform(0.5, 1.0)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (the server sends integer seconds; HTTP dates are not used here)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return max(0.0, seconds)
 
 
 def build_request(
