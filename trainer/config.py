@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, CliSettingsSource
 
+from shared import redis_streams
 from shared.cli import ArgumentParser, CommandLineError, add_settings_flags, given_settings, read_config_file
 
 
@@ -354,15 +355,21 @@ class RewardConfig(_Section):
         "the environment variable named by `redis_password_env`, not here.",
     )
     redis_password_env: str = Field(
-        "DDPO_REDIS_PASSWORD", description="redis: environment variable holding the Redis password (AUTH)."
+        redis_streams.REDIS_PASSWORD_ENV,
+        description="redis: environment variable holding the Redis password (AUTH).",
     )
-    redis_stream: str = Field("ddpo:rewards:jobs", description="redis: the job stream workers consume.")
-    redis_group: str = Field("reward-workers", description="redis: consumer group of the workers.")
+    redis_stream: str = Field(
+        redis_streams.DEFAULT_STREAM, description="redis: the job stream workers consume."
+    )
+    redis_group: str = Field(redis_streams.DEFAULT_GROUP, description="redis: consumer group of the workers.")
     redis_prefix: str = Field(
-        "ddpo:rewards", description="redis: key prefix of result keys and per-trainer reply streams."
+        redis_streams.DEFAULT_PREFIX,
+        description="redis: key prefix of result keys and per-trainer reply streams.",
     )
     redis_max_queued_jobs: int = Field(
-        10000, ge=1, description="redis: submit waits while the job stream holds this many jobs."
+        redis_streams.DEFAULT_MAX_QUEUED_JOBS,
+        ge=1,
+        description="redis: submit waits while the job stream holds this many jobs.",
     )
 
     @model_validator(mode="after")
