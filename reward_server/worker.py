@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -29,7 +27,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -41,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from reward_server.budget import BODY_BYTES_FACTOR
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
+from reward_server.rewards import import_extra_rewards  # plugins: one loader, the registry's
 from reward_server.service import RewardService
 from reward_server.settings import ScoringSettings, ServerSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
@@ -530,21 +528,6 @@ def _salvage_ids(raw: bytes) -> tuple[str | None, str | None]:
 
 
 # -- command line ------------------------------------------------------------------------------
-
-
-def import_extra_rewards(modules: Sequence[str]) -> None:
-    """Import modules (dotted names or .py paths) that register extra rewards before settings are checked."""
-    for name in modules:
-        if name.endswith(".py"):
-            path = Path(name).resolve()
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot import {name}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = module
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(name)
 
 
 def _command_line() -> tuple[argparse.ArgumentParser, list[tuple[Any, type[BaseSettings]]]]:
