@@ -141,19 +141,6 @@ class WorkerSettings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
 
-    # The short names these options had before they took the trainer's (read-only).
-    @property
-    def stream(self) -> str:
-        return self.redis_stream
-
-    @property
-    def group(self) -> str:
-        return self.redis_group
-
-    @property
-    def prefix(self) -> str:
-        return self.redis_prefix
-
 
 class RewardWorker:
     def __init__(self, settings: WorkerSettings, server_settings: ServerSettings):

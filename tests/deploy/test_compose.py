@@ -231,7 +231,12 @@ def test_worker_settings_validate_from_the_compose_env(compose, monkeypatch):
     worker = worker_module.WorkerSettings()
     assert worker.redis_url == "redis://redis:6379/0"
     assert worker.redis_password == SECRETS["REDIS_PASSWORD"]
-    assert worker.stream == RewardConfig().redis_stream and worker.group == RewardConfig().redis_group
+    trainer = RewardConfig()
+    assert (worker.redis_stream, worker.redis_group, worker.redis_prefix) == (
+        trainer.redis_stream,
+        trainer.redis_group,
+        trainer.redis_prefix,
+    )
     assert set(ServerSettings().rewards) >= {"jpeg_compressibility", "jpeg_incompressibility"}
 
 
