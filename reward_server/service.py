@@ -23,7 +23,7 @@ from reward_server.idempotency import IdempotencyCache, fingerprint
 from reward_server.metrics import ServerMetrics
 from reward_server.png import PngHeader, decode_rgb_png_b64, png_header_b64
 from reward_server.rewards import InputLimitError, Scorer, ScoringError, build_scorer
-from reward_server.settings import ServerSettings
+from reward_server.settings import ScoringSettings
 from reward_server.vlm.base import VLMError
 from shared import binary
 from shared.binary import BinaryRequestError, BinaryScoreRequest
@@ -101,7 +101,7 @@ def api_error(err: BinaryRequestError) -> ApiError:
 
 
 class RewardService:
-    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+    def __init__(self, settings: ScoringSettings, metrics: ServerMetrics):
         self.settings = settings
         self.metrics = metrics
         self.scorers: dict[str, Scorer] = {}

@@ -40,7 +40,7 @@ from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import import_extra_rewards  # plugins: one loader, the registry's
 from reward_server.service import RewardService
-from reward_server.settings import ScoringSettings, ServerSettings, describe_settings_error
+from reward_server.settings import ScoringSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
 from shared.cli import ArgumentParser, CommandLineError, add_settings_flags
 from shared.errors import parse_retry_after
@@ -143,7 +143,7 @@ class WorkerSettings(BaseSettings):
 
 
 class RewardWorker:
-    def __init__(self, settings: WorkerSettings, server_settings: ServerSettings):
+    def __init__(self, settings: WorkerSettings, server_settings: ScoringSettings):
         self.settings = settings
         self.server_settings = server_settings
         self.service = RewardService(server_settings, ServerMetrics())

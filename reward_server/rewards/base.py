@@ -142,9 +142,11 @@ def build_scorer(name: str, settings: Mapping[str, Any] | Any = None) -> Scorer:
 
 
 def scorer_settings(values: Mapping[str, Any], reward: str | None = None) -> Any:
-    """Scorer settings from plain values only: validated like the reward server's settings
-    (same names, defaults and checks), but no ``DDPO_REWARD_*`` environment variable or ``.env``
-    file is read, so a caller's own config (a trainer's) is the whole configuration.
+    """Scorer settings from plain values only: validated like the reward server's scoring settings
+    (``ScoringSettings``: same names, defaults and checks; the HTTP server's own fields such as
+    ``host`` or ``api_key`` mean nothing in process and are refused), but no ``DDPO_REWARD_*``
+    environment variable or ``.env`` file is read, so a caller's own config (a trainer's) is the
+    whole configuration.
 
     ``reward``: the one reward these settings are for (``rewards`` defaults to it).
     """
@@ -156,13 +158,14 @@ def scorer_settings(values: Mapping[str, Any], reward: str | None = None) -> Any
 
 @functools.cache
 def _values_only_settings() -> type:
-    """The server's settings class with the init values as its only source."""
+    """The scoring settings class (what the server and the worker score with, without the HTTP
+    server's bind address and auth) with the init values as its only source."""
     # Lazy: settings.py imports this registry to validate reward names.
     from pydantic_settings import SettingsConfigDict
 
-    from reward_server.settings import ServerSettings
+    from reward_server.settings import ScoringSettings
 
-    class ScorerSettings(ServerSettings):
+    class ScorerSettings(ScoringSettings):
         model_config = SettingsConfigDict(cli_parse_args=False)  # never this process's argv either
 
         @classmethod
