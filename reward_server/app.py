@@ -29,6 +29,7 @@ from reward_server.idempotency import binary_digest
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings
+from reward_server.timeouts import BodyDeadline
 from shared import binary
 from shared.binary import BinaryRequestError, BinaryScoreRequest
 from shared.errors import status_meanings
@@ -47,6 +48,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Unknown reward (the reason lists the valid names), or a binary body that is not "
         "well-formed safetensors or whose header disagrees with its length (truncated).",
         401: "Missing or wrong bearer token.",
+        408: "The body did not arrive within body_timeout_s (the connection closes).",
         409: "request_id reused for a different request.",
         413: "Body, image count or image pixels over the limits, or over the whole memory budget.",
         415: "A CORS-simple Content-Type (text/plain, form, multipart).",
@@ -294,6 +296,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = service
     app.add_middleware(HostAllowList, allowed=settings.host_allow_list())
+    # The body's deadline (408 request_timeout from receive(); reward_server/timeouts.py).
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:

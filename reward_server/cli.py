@@ -152,7 +152,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as err:
         print(f"ddpo-reward-server: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
-    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    from reward_server.timeouts import uvicorn_options
+
+    # Header/body/keep-alive timeouts and the connection limit: the same protocol and options in
+    # every worker (uvicorn pickles its Config, protocol class included, into spawned workers).
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        **uvicorn_options(settings),
+    }
     if settings.workers == 1:
         from reward_server.app import create_app
 

@@ -71,6 +71,36 @@ class HttpSettings(BaseSettings):
         "(127.0.0.1, localhost, ::1) when bound to loopback, any host otherwise. Others get 400.",
     )
 
+    # --- slow clients and connections (reward_server/timeouts.py; per worker process) -------------
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must send a complete request head within this many seconds of "
+        "connecting, or of the first byte of its next request; else it is closed (with 408 "
+        "request_timeout if part of a head came).",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The whole request body must arrive within this many seconds of its head; "
+        "else 408 request_timeout and the connection closes (the default admits a 128 MiB body at "
+        "about 2.2 MB/s).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="An idle kept-alive connection is closed after this many seconds (uvicorn's "
+        "timeout_keep_alive).",
+    )
+    limit_concurrency: int | None = Field(
+        default=512,
+        ge=1,
+        description="Most connections open, or requests in progress, at once per worker process "
+        "(uvicorn's limit_concurrency); a request beyond it: 503 + Retry-After. Below the usual "
+        "1024 open-file limit, so the server answers instead of failing to accept; a trainer "
+        "process holds at most 16 connections. Unset (null): no limit.",
+    )
+
     @field_validator("api_key")
     @classmethod
     def _long_enough_key(cls, key: str | None) -> str | None:

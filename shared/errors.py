@@ -69,6 +69,8 @@ ERROR_CODES: dict[str, ErrorCode] = _codes(
     ("method_not_allowed", (405,), "The path exists, the method does not."),
     # 409
     ("request_id_conflict", (409,), "request_id reused for a different request."),
+    # 408: too slow; the same request sent promptly may succeed
+    ("request_timeout", (408,), "The request head or body did not arrive within header/body_timeout_s."),
     # 413: over a limit; the same request will never fit
     ("body_too_large", (413,), "The body is over max_body_bytes."),
     ("too_many_images", (413,), "More images than max_images_per_request."),
