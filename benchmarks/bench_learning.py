@@ -116,7 +116,7 @@ def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float,
 
 def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
     header = (
-        f"{'algorithm':<16} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
+        f"{'algorithm':<20} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
         f"{'eval reward (train prompts)':^29} | {'min/run':>7}"
     )
     lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
@@ -126,7 +126,7 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
             (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
             cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
         minutes = np.mean([r["seconds"] for r in runs]) / 60
-        lines.append(f"{algorithm:<16} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
+        lines.append(f"{algorithm:<20} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
                      f"{minutes:7.1f}")  # fmt: skip
     table = "\n".join(lines)
     print(table, flush=True)

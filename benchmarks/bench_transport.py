@@ -1,20 +1,24 @@
 """How much does a slow reward service cost the training loop? (docs/transport.md has a recorded run.)
 
 1. The tiny training loop (sample -> reward -> update), one epoch per setting, rewards from a real
-   reward server process whose scorer sleeps L seconds per batch (``test_slow_jpeg``), for L below,
-   equal to and above the measured sampling time S of one batch; epoch time (sampling + reward wait
-   + update, without the eval grid) relative to the same loop with an instant in-process reward.
-   Asynchronous: the trainer's normal path (submit, keep sampling). Synchronous baseline: the reward
-   of each batch is fetched right after it is sampled (what the reference implementations do).
+   reward server process (HTTP) or a real Redis worker whose scorer sleeps L seconds per batch
+   (``test_slow_jpeg``), for L below, equal to and above the measured sampling time S of one
+   batch; epoch time (sampling + reward wait + update, without the eval grid) relative to the same
+   loop with an instant in-process reward. Columns: synchronous (the reward of each batch fetched
+   right after it is sampled: what the reference implementations do); on-policy (the trainer's
+   default: submit, keep sampling, wait before the update); staleness 1 (``train.max_staleness 1``:
+   the next epoch samples while this epoch's rewards are outstanding).
 2. Reward throughput with N Redis workers (each scores one batch per L seconds): batches/s for
    N = 1, 2, 4, against the sampler's 1/S batches/s.
 
     python benchmarks/bench_transport.py [--batches 4] [--steps 4] [--ratios 0.5 1 2] [--workers 1 2 4]
+        [--no-redis]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -23,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -71,14 +75,17 @@ def epoch_time(
     wrap_sync: bool = False,
     steps: int = 4,
     repeats: int = 3,
+    max_staleness: int = 0,
 ) -> dict[str, float]:
     cfg = tiny_config(
         output,
         sample={"num_steps": steps, "batch_size": 2, "num_batches_per_epoch": batches, "resolution": 32},
-        train={"batch_size": 2, "gradient_accumulation_steps": 1},
+        train={"batch_size": 2, "gradient_accumulation_steps": 1, "max_staleness": max_staleness},
         advantage={"buffer_size": 4, "min_count": 2},
         run={
-            "num_epochs": repeats + 1,
+            # One epoch more than timed: with max_staleness 1 the last epoch has no next one to
+            # sample during its reward wait, so it is not a steady-state epoch.
+            "num_epochs": repeats + 2,
             "eval_num_images": 2,
             "eval_every": 1000,
             "save_every": 1000,
@@ -103,7 +110,9 @@ def epoch_time(
     return runs[len(runs) // 2]
 
 
-def loop_table(output: Path, batches: int, ratios: Sequence[float], steps: int, repeats: int) -> None:
+def loop_table(
+    output: Path, batches: int, ratios: Sequence[float], steps: int, repeats: int, redis: bool
+) -> None:
     base = epoch_time(
         output, batches, {"name": "jpeg_compressibility", "transport": "local"}, steps=steps, repeats=repeats
     )
@@ -112,81 +121,112 @@ def loop_table(output: Path, batches: int, ratios: Sequence[float], steps: int, 
         f"instant in-process reward: epoch {base['total']:.2f} s (sampling {base['sampling']:.2f} s = "
         f"S {per_batch:.2f} s/batch x {batches}, reward wait {base['wait']:.2f} s)"
     )
-    header = f"{'L/S':>5} {'L (s)':>7} | {'async epoch':>12} {'ratio':>6} {'wait':>6}"
-    print(f"{header} | {'sync epoch':>11} {'ratio':>6}")
+    print("epoch time / instant-reward epoch (reward wait in the epoch, s):")
+    print(
+        f"{'L/S':>5} {'L (s)':>6} | {'sync HTTP':>13} | {'on-policy HTTP':>14} | {'staleness 1 HTTP':>16}"
+        + (f" | {'on-policy Redis':>15} | {'staleness 1 Redis':>17}" if redis else "")
+    )
+
+    def cell(t: dict[str, float], width: int) -> str:
+        return f"{t['total'] / base['total']:.2f} ({t['wait']:.2f})".rjust(width)
+
     for ratio in ratios:
         delay = ratio * per_batch
         env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}")
         with EmbeddedRewardServer(["test_slow_jpeg"], extra_rewards_modules=[EXTRA], env=env) as server:
             reward = {"name": "test_slow_jpeg", "transport": "http", "urls": [server.url]}
-            async_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
             sync_t = epoch_time(output, batches, reward, wrap_sync=True, steps=steps, repeats=repeats)
-        a, s, b = async_t["total"], sync_t["total"], base["total"]
-        print(
-            f"{ratio:>5.2f} {delay:>7.2f} | {a:>10.2f} s {a / b:>6.2f} {async_t['wait']:>5.2f}s "
-            f"| {s:>9.2f} s {s / b:>6.2f}"
-        )
+            async_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
+            stale_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats, max_staleness=1)
+        row = f"{ratio:>5.2f} {delay:>6.2f} | {cell(sync_t, 13)} | {cell(async_t, 14)} | {cell(stale_t, 16)}"
+        if redis:
+            with redis_worker(delay) as url:
+                reward = {"name": "test_slow_jpeg", "transport": "redis", "redis_url": url}
+                redis_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
+                redis_stale_t = epoch_time(
+                    output, batches, reward, steps=steps, repeats=repeats, max_staleness=1
+                )
+            row += f" | {cell(redis_t, 15)} | {cell(redis_stale_t, 17)}"
+        print(row, flush=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throw-away redis-server on loopback; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("no redis-server on PATH (scripts/ensure-test-services.sh installs it)")
+    port = free_loopback_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""], stdout=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.3)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def start_workers(url: str, n: int, delay: float, name: str) -> list[subprocess.Popen]:
+    """``n`` real reward workers scoring ``test_slow_jpeg`` (one batch per ``delay`` s each), once ready."""
+    env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}", PYTHONPATH=str(ROOT))
+    procs, logs = [], []
+    for i in range(n):
+        log = tempfile.NamedTemporaryFile(prefix=f"worker{i}-", suffix=".log", delete=False)
+        logs.append(Path(log.name))
+        command = [
+            sys.executable,
+            "-m",
+            "reward_server.worker",
+            "--redis-url",
+            url,
+            "--consumer",
+            f"{name}-w{i}",
+        ]
+        command += ["--extra-rewards-module", EXTRA, "--rewards", "test_slow_jpeg", "--concurrency", "1"]
+        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    while not all("ready on stream" in p.read_text() for p in logs):
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a reward worker exited at start-up: " + " ".join(map(str, logs)))
+        time.sleep(0.05)
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
+@contextlib.contextmanager
+def redis_worker(delay: float) -> Iterator[str]:
+    """Redis plus one worker that scores one batch per ``delay`` s (the HTTP server's one scorer)."""
+    with redis_server() as url:
+        procs = start_workers(url, 1, delay, "loop")
+        try:
+            yield url
+        finally:
+            stop_workers(procs)
 
 
 def worker_scaling(workers: Sequence[int], delay: float, jobs: int) -> None:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        print("no redis-server: skipping the worker scaling (scripts/ensure-test-services.sh)")
-        return
-    port = free_loopback_port()
-    redis_proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""], stdout=subprocess.DEVNULL
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=str(delay), PYTHONPATH=str(ROOT))
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     print(f"\nRedis workers, each scoring one batch per L = {delay:.2f} s; {jobs} batches submitted at once:")
-    try:
-        time.sleep(0.3)
+    with redis_server() as url:
         for n in workers:
-            procs = []
-            logs = []
-            for i in range(n):
-                log = tempfile.NamedTemporaryFile(prefix=f"worker{i}-", suffix=".log", delete=False)
-                logs.append(Path(log.name))
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "reward_server.worker",
-                            "--redis-url",
-                            url,
-                            "--consumer",
-                            f"n{n}-w{i}",
-                            "--extra-rewards-module",
-                            EXTRA,
-                            "--rewards",
-                            "test_slow_jpeg",
-                            "--concurrency",
-                            "1",
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
-            while not all("ready on stream" in p.read_text() for p in logs):
-                time.sleep(0.05)
-            with RedisRewardClient("test_slow_jpeg", url, deadline_s=600) as client:
-                started = time.perf_counter()
-                futures = [client.submit(images, ["a cat", "a dog"]) for _ in range(jobs)]
-                for f in futures:
-                    f.result()
-                elapsed = time.perf_counter() - started
+            procs = start_workers(url, n, delay, f"n{n}")
+            try:
+                with RedisRewardClient("test_slow_jpeg", url, deadline_s=600) as client:
+                    started = time.perf_counter()
+                    futures = [client.submit(images, ["a cat", "a dog"]) for _ in range(jobs)]
+                    for f in futures:
+                        f.result()
+                    elapsed = time.perf_counter() - started
+            finally:
+                stop_workers(procs)
             print(f"  N = {n}: {jobs / elapsed:6.2f} batches/s ({elapsed:.2f} s; ideal {n / delay:.2f})")
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(30)
-    finally:
-        redis_proc.terminate()
-        redis_proc.wait(10)
 
 
 def main() -> None:
@@ -203,6 +243,7 @@ def main() -> None:
     parser.add_argument("--worker-delay", type=float, default=0.5, help="L of the scaling run, seconds")
     parser.add_argument("--jobs", type=int, default=16, help="batches submitted in the scaling run")
     parser.add_argument("--skip-loop", action="store_true", help="only the worker scaling")
+    parser.add_argument("--no-redis", action="store_true", help="the loop table over HTTP only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     os.environ.setdefault("DDPO_CACHE", str(Path(tempfile.gettempdir()) / "ddpo-bench-cache"))
@@ -212,7 +253,9 @@ def main() -> None:
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_loop:
-            loop_table(Path(tmp), args.batches, args.ratios, args.steps, args.repeats)
+            loop_table(
+                Path(tmp), args.batches, args.ratios, args.steps, args.repeats, redis=not args.no_redis
+            )
     worker_scaling(args.workers, args.worker_delay, args.jobs)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
