@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,3 +113,18 @@ def start_reward_server() -> Iterator[Callable[..., str]]:
     yield start
     for running in servers:
         running.stop()
+
+
+def wait_ready(base: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Poll ``base``/readyz until 200; fail early with its output if the server process ``proc`` exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("server never became ready")

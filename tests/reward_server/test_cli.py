@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from reward_server.worker import WorkerSettings
 from reward_server.worker import settings_from_args as worker_settings_from_args
 from shared.cli import CommandLineError
 from shared.codec import encode_png_b64
+from tests.reward_server.server_utils import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,20 +42,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became ready")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

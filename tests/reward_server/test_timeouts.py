@@ -30,7 +30,7 @@ from reward_server.app import create_app
 from reward_server.settings import ServerSettings
 from reward_server.timeouts import uvicorn_options
 from shared.codec import encode_png_b64
-from tests.reward_server.server_utils import free_loopback_socket
+from tests.reward_server.server_utils import free_loopback_socket, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER_S = 0.5
@@ -67,20 +67,6 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def wait_ready(base: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("server never became ready")
 
 
 @pytest.fixture

@@ -46,6 +46,28 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, overrides: d
     shutdown_distributed()
 
 
+def _one_process(tmp_path: Path, train: dict, num_epochs: int) -> tuple[list[dict], dict, dict]:
+    """The 2-rank runs' global batch in one process (sampling batches of 8, training minibatches of
+    8): its history, and its trainable weights before and after."""
+    from trainer.train import Trainer
+
+    single = Trainer(
+        tiny_config(
+            tmp_path,
+            sample={"batch_size": 8},
+            train={**train, "batch_size": 8},
+            run={"num_epochs": num_epochs, "name": "one", "save_every": 100},
+        )
+    )
+    initial = {k: v.clone() for k, v in single.policy.trainable_state_dict().items()}
+    history = single.run()
+    return history, initial, single.policy.trainable_state_dict()
+
+
+def _distance(a: dict, b: dict) -> float:
+    return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+
+
 def _read_samples(run_dir: Path, epoch: int) -> list[dict]:
     return [
         json.loads(line) for line in (run_dir / f"samples/epoch_{epoch:04d}.jsonl").read_text().splitlines()
@@ -85,18 +107,7 @@ def test_two_ranks_train_one_policy(tmp_path):
 
     # One process with the same global batch: sampling batches of 8, and one optimizer step per epoch
     # over all 16 samples (2 minibatches of 8, accumulated). The same samples, and the same weights.
-    from trainer.train import Trainer
-
-    single = Trainer(
-        tiny_config(
-            tmp_path,
-            sample={"batch_size": 8},
-            train={**train, "batch_size": 8},
-            run={"num_epochs": 2, "name": "one", "save_every": 100},
-        )
-    )
-    initial = {k: v.clone() for k, v in single.policy.trainable_state_dict().items()}
-    single_history = single.run()
+    single_history, initial, single_state = _one_process(tmp_path, train, num_epochs=2)
     assert [m["optimizer_steps"] for m in single_history] == [1, 1]
     single_rows = _read_samples(tmp_path / "one", 0)
     assert [r["prompt"] for r in single_rows] == [r["prompt"] for r in rows]
@@ -105,14 +116,10 @@ def test_two_ranks_train_one_policy(tmp_path):
 
     # After two updates the 2-rank weights are the 1-process weights: their distance is a small
     # fraction of how far training moved them (float batch effects and JPEG bytes, nothing more).
-    single_state = single.policy.trainable_state_dict()
     assert single_state.keys() == rank0["trainable"].keys()
 
-    def distance(a: dict, b: dict) -> float:
-        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
-
-    moved = distance(single_state, initial)
-    apart = distance(rank0["trainable"], single_state)
+    moved = _distance(single_state, initial)
+    apart = _distance(rank0["trainable"], single_state)
     assert moved > 0
     assert apart < 0.05 * moved, (apart, moved)
 
@@ -136,18 +143,8 @@ def test_two_ranks_pipelined_epochs_match_one_process(tmp_path):
     assert [m["staleness"] for m in rank0["history"]] == [0, 1, 1]
     assert [m["staleness"] for m in rank1["history"]] == [0, 1, 1]
 
-    from trainer.train import Trainer
-
-    single = Trainer(
-        tiny_config(
-            tmp_path,
-            sample={"batch_size": 8},
-            train={**train, "batch_size": 8},
-            run={"num_epochs": 3, "name": "one", "save_every": 100},
-        )
-    )
-    initial = {k: v.clone() for k, v in single.policy.trainable_state_dict().items()}
-    assert [m["staleness"] for m in single.run()] == [0, 1, 1]
+    single_history, initial, single_state = _one_process(tmp_path, train, num_epochs=3)
+    assert [m["staleness"] for m in single_history] == [0, 1, 1]
     # The epochs sampled ahead (during the previous epoch's reward wait) are the same on 2 ranks as
     # on one process: same prompts, and the same images up to float batch effects on a JPEG's bytes.
     for epoch in range(3):
@@ -155,13 +152,10 @@ def test_two_ranks_pipelined_epochs_match_one_process(tmp_path):
         assert [r["prompt"] for r in ddp] == [r["prompt"] for r in one]
         np.testing.assert_allclose([r["reward"] for r in ddp], [r["reward"] for r in one], atol=0.02)
 
-    def distance(a: dict, b: dict) -> float:
-        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
-
     # Measured 0.10: one JPEG a byte apart in a group of 4 shifts the advantages by up to 0.17 here,
     # and that compounds over 3 updates (on-policy, 3 epochs without such a flip: 0.03).
-    moved = distance(single.policy.trainable_state_dict(), initial)
-    apart = distance(rank0["trainable"], single.policy.trainable_state_dict())
+    moved = _distance(single_state, initial)
+    apart = _distance(rank0["trainable"], single_state)
     assert moved > 0
     assert apart < 0.25 * moved, (apart, moved)
 
