@@ -434,6 +434,14 @@ class RunConfig(_Section):
         description="Seeds per eval prompt; with 2 or more the eval logs `eval_diversity` (mean pairwise "
         "RMS pixel distance between images of the same prompt: collapse shows as a drop).",
     )
+    eval_num_steps: int | None = Field(
+        None,
+        ge=2,
+        description="Denoising steps of the eval samples; None: sample.num_steps. Flow-GRPO trains "
+        "SD3.5-M with 10 steps and evaluates with 40. With another count than training, every eval "
+        "step uses the sampler's eta / noise level (a training window is defined on the training "
+        "schedule, so it does not apply).",
+    )
     eval_ema_decay: float | None = Field(
         None,
         gt=0,
@@ -712,7 +720,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
             "advantage": {"per_prompt_stat_tracking": False},
             "reward": {"name": reward},
-            "run": {"name": f"sd3-{name}", "num_epochs": 100, "save_every": 10, "eval_every": 10},
+            "run": {
+                "name": f"sd3-{name}",
+                "num_epochs": 100,
+                "save_every": 10,
+                "eval_every": 10,
+                "eval_num_steps": 40,  # Flow-GRPO evaluates with 40 steps
+            },
         }
         for name, reward in (
             ("compressibility", "jpeg_compressibility"),

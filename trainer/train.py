@@ -38,7 +38,7 @@ from trainer.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from trainer.config import Config
+from trainer.config import Config, SampleConfig
 from trainer.ddim import gaussian_kl_same_std
 from trainer.distributed import DistInfo, gather_global, local_slice, mean_across_ranks, wrap_ddp
 from trainer.loggers import make_loggers
@@ -705,6 +705,15 @@ class Trainer:
         base = derive_seed(run.seed, EVAL_STREAM, 3 if heldout else 1)
         return prompts, [(base + i) % 2**63 for i in range(len(prompts))]
 
+    def eval_sample_config(self) -> SampleConfig:
+        """The sampler settings of evals: training's, with ``run.eval_num_steps`` steps if set."""
+        steps = self.cfg.run.eval_num_steps
+        if steps is None or steps == self.cfg.sample.num_steps:
+            return self.cfg.sample
+        return self.cfg.sample.model_copy(
+            update={"num_steps": steps, "window_size": 0, "window_start": 0, "window_start_max": None}
+        )
+
     def evaluate(self, name: str) -> dict[str, float]:
         """Sample and score the fixed eval prompts (training, then held-out); save their grids.
 
@@ -724,7 +733,9 @@ class Trainer:
             if not prompts:
                 continue
             prefix, suffix = ("eval_heldout_", "_heldout") if heldout else ("eval_", "")
-            traj = sample_trajectories(self.policy, prompts, self.cfg.sample, seeds, keep_trajectory=False)
+            traj = sample_trajectories(
+                self.policy, prompts, self.eval_sample_config(), seeds, keep_trajectory=False
+            )
             if self.cfg.run.eval_images_per_prompt > 1:
                 metrics[prefix + "diversity"] = diversity(traj.images, self.cfg.run.eval_images_per_prompt)
             try:

@@ -82,3 +82,39 @@ def test_eval_only_rewards_are_logged_and_never_trained_on(make_tiny_config):
         for m in evals
     )
     assert all("jpeg_incompressibility" not in str(m.get("reward_name")) for m in history)
+
+
+def test_eval_num_steps_samples_evals_with_their_own_step_count(make_tiny_config, monkeypatch):
+    """run.eval_num_steps: evals denoise with that many steps (every step stochastic), training keeps
+    its own schedule and window."""
+    import trainer.train as train_module
+    from trainer.sampling import sample_trajectories
+
+    cfg = make_tiny_config(
+        sample={"num_steps": 4, "window_size": 1, "window_start": 1},
+        run={"eval_num_steps": 6, "num_epochs": 1, "eval_every": 1},
+    )
+    calls = []
+
+    def spy(policy, prompts, sample_cfg, seeds, keep_trajectory=True, **kwargs):
+        out = sample_trajectories(policy, prompts, sample_cfg, seeds, keep_trajectory, **kwargs)
+        calls.append((sample_cfg.num_steps, sample_cfg.window_size, keep_trajectory, list(seeds), out))
+        return out
+
+    monkeypatch.setattr(train_module, "sample_trajectories", spy)
+    trainer = Trainer(cfg)
+    trainer.run()
+    evals = [c for c in calls if not c[2]]
+    trained = [c for c in calls if c[2]]
+    assert evals and all(c[:2] == (6, 0) for c in evals)
+    assert trained and all(c[:2] == (4, 1) for c in trained)
+    assert all(c[4].timesteps.shape[1] == 1 for c in trained)  # the window's one step, recorded
+
+    # The last eval's images are a 6-step chain at the eval seeds, not the 4-step one.
+    prompts, seeds = trainer.eval_plan()
+    last = next(c for c in reversed(evals) if c[3] == seeds)[4].images
+    with torch.no_grad():
+        six = cfg.sample.model_copy(update={"num_steps": 6, "window_size": 0, "window_start": 0})
+        expected = sample_trajectories(trainer.policy, prompts, six, seeds, keep_trajectory=False).images
+        four = sample_trajectories(trainer.policy, prompts, cfg.sample, seeds, keep_trajectory=False).images
+    assert np.array_equal(last, expected) and not np.array_equal(last, four)
