@@ -524,10 +524,9 @@ class Config(_Section):
             )
         if algorithm == "rwr" and self.model.family == "sd3":
             raise ValueError("train.algorithm rwr is not supported for model.family sd3 (its loss is DDPM's)")
-        if algorithm == "rwr" and (self.train.kl_beta > 0 or self.train.log_kl_ref):
-            raise ValueError(
-                "train.kl_beta and train.log_kl_ref apply to policy-gradient algorithms, not rwr"
-            )
+        for field, used in (("kl_beta", self.train.kl_beta > 0), ("log_kl_ref", self.train.log_kl_ref)):
+            if algorithm == "rwr" and used:
+                raise ValueError(f"train.{field} applies to policy-gradient algorithms, not rwr")
         if self.advantage.min_count > self.advantage.buffer_size:
             raise ValueError("advantage.min_count must be <= advantage.buffer_size")
         if self.prompts.set == "file" and not self.prompts.path:

@@ -42,6 +42,10 @@ def test_every_configurable_algorithm_is_registered():
         ),
         ({"train": {"kl_beta": -0.1}}, r"train\.kl_beta"),
         ({"train": {"algorithm": "rwr", "kl_beta": 0.1}}, r"train\.kl_beta applies to policy-gradient"),
+        (
+            {"train": {"algorithm": "rwr", "log_kl_ref": True}},
+            r"train\.log_kl_ref applies to policy-gradient",
+        ),
         ({"sample": {"images_per_prompt": 3}}, r"images_per_prompt \(3\) must divide batch_size"),
         (
             {"train": {"algorithm": "rwr"}, "model": {"family": "sd3"}},
