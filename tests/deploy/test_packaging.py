@@ -30,8 +30,10 @@ SOURCES = {
     "server": ("reward_server", "shared"),
     "worker": ("reward_server", "shared"),
 }
-# Test-only tools kept out of the images (.dockerignore): no runtime module imports them.
-TEST_ONLY = ("reward_server/vlm/tiny_llava.py", "reward_server/vlm/vllm_cpu_launch.py")
+# Test-only tools live outside the runtime packages (so neither the wheel nor an image carries them:
+# tests/ and scripts/ are .dockerignored), and no runtime module imports them.
+TEST_ONLY = ("tests/reward_server/tiny_llava.py", "scripts/vllm_cpu_launch.py")
+RUNTIME_PACKAGES = ("trainer", "reward_server", "shared")
 
 
 def normalize(name: str) -> str:
@@ -193,19 +195,30 @@ def test_no_hand_kept_requirement_lists():
     assert not list(DEPLOY.glob("requirements*.txt"))
 
 
-def test_images_leave_out_the_test_only_tools():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+def test_test_only_tools_stay_out_of_the_packages_and_images():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    packaged = project_packages()
     for tool in TEST_ONLY:
         assert (ROOT / tool).is_file(), tool
-        assert tool in ignored, f"{tool} is a test-only tool: .dockerignore it"
+        top = tool.split("/")[0]
+        assert top not in packaged, f"{tool} would ship in the wheel ({top} is a package)"
+        assert top in ignored, f"{tool}: .dockerignore {top}/"
     stems = "|".join(Path(t).stem for t in TEST_ONLY)
     pattern = re.compile(
         rf"^\s*(?:from|import)\s+[\w.]*\b({stems})\b|^\s*from\s+[\w.]+\s+import\s+.*\b({stems})\b", re.M
     )
-    for folder in ("trainer", "reward_server", "shared"):
+    for folder in RUNTIME_PACKAGES:
         for path in (ROOT / folder).rglob("*.py"):
-            if str(path.relative_to(ROOT)) not in TEST_ONLY:
-                assert not pattern.search(path.read_text()), f"{path} imports a test-only tool"
+            assert Path(path).stem not in stems.split("|"), f"{path}: a test-only tool inside a package"
+            assert not pattern.search(path.read_text()), f"{path} imports a test-only tool"
+
+
+def project_packages() -> set[str]:
+    """Top-level names setuptools packages (``[tool.setuptools.packages.find] include``)."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(p.rstrip("*") for p in include) == sorted(RUNTIME_PACKAGES)
+    return set(RUNTIME_PACKAGES)
 
 
 # --- each part runs with its extra alone ----------------------------------------------------------

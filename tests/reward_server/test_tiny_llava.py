@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from reward_server.vlm.tiny_llava import IMAGE_TOKEN, build_tiny_llava, ensure_tiny_llava
+from tests.reward_server.tiny_llava import IMAGE_TOKEN, build_tiny_llava, ensure_tiny_llava
 
 
 @pytest.fixture(scope="module")

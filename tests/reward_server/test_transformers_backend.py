@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reward_server.vlm import VLMError, build_vlm_backend
-from reward_server.vlm.tiny_llava import ensure_tiny_llava
 from reward_server.vlm.transformers_backend import TransformersLlavaBackend
+from tests.reward_server.tiny_llava import ensure_tiny_llava
 
 MAX_TOKENS = 12
 

@@ -23,15 +23,15 @@ import httpx
 import numpy as np
 import pytest
 
-from reward_server.vlm.tiny_llava import ensure_tiny_llava
 from reward_server.vlm.transformers_backend import TransformersLlavaBackend
 from shared.codec import encode_png_b64
+from tests.reward_server.tiny_llava import ensure_tiny_llava
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_SCRIPT = ROOT / "scripts" / "setup-vllm-venv.sh"
-LAUNCHER = ROOT / "reward_server" / "vlm" / "vllm_cpu_launch.py"
+LAUNCHER = ROOT / "scripts" / "vllm_cpu_launch.py"
 SERVED_NAME = "tiny-llava"
 QUESTION = "what is going on in this image?"
 MAX_TOKENS = 24

@@ -3,7 +3,7 @@
 Run it by path with the python of the vLLM venv (scripts/setup-vllm-venv.sh), arguments as for
 ``vllm serve`` minus the model being positional::
 
-    .venv-vllm/bin/python reward_server/vlm/vllm_cpu_launch.py --model <dir> --port 8000 ...
+    .venv-vllm/bin/python scripts/vllm_cpu_launch.py --model <dir> --port 8000 ...
 
 It only needs the standard library and torch, so ddpo-stack does not have to be installed in that venv.
 Two reasons it exists instead of the ``vllm`` command:
