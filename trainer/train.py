@@ -577,16 +577,14 @@ class Trainer:
                 old = old_log_probs[:, j].to(log_prob.device)
                 step_weights = None if weights is None else weights[:, j].to(log_prob.device)
                 loss, info = self.algorithm.step_loss(TrainedStep(log_prob, old, adv, groups, step_weights))
-                if t.kl_beta > 0:
-                    kl = self._kl_to_reference(model_pred, x_t, t_j, prompt_embeds, negative_embeds).mean()
-                    loss = loss + t.kl_beta * kl
-                    kls.append(float(kl))
-                elif t.log_kl_ref:  # measured only: no gradient, the update is unchanged
-                    with torch.no_grad():
+                if t.kl_beta > 0 or t.log_kl_ref:  # log_kl_ref alone: measured, no gradient
+                    with torch.set_grad_enabled(t.kl_beta > 0):
                         kl = self._kl_to_reference(
-                            model_pred.detach(), x_t, t_j, prompt_embeds, negative_embeds
-                        )
-                    kls.append(float(kl.mean()))
+                            model_pred, x_t, t_j, prompt_embeds, negative_embeds
+                        ).mean()
+                    if t.kl_beta > 0:
+                        loss = loss + t.kl_beta * kl
+                    kls.append(float(kl))
                 (loss * scale).backward()
             infos.append(info)
             total += loss.item() / num_timesteps

@@ -99,6 +99,9 @@ class Scorer(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release clients/models; called at server shutdown."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Blocking callers' ``aclose`` (the in-process transport): release what ``score`` opened."""
+
 
 REWARD_REGISTRY: dict[str, type[Scorer]] = {}
 

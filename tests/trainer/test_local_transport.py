@@ -42,3 +42,15 @@ def test_local_server_settings_are_still_validated():
         probe({"no_such_setting": 1})
     with pytest.raises(ValidationError, match=r"must contain '\{prompt\}'"):
         probe({"bertscore_reference_template": "no placeholder"})
+
+
+def test_close_releases_the_scorer():
+    """close() ends the scoring thread, then the scorer's own resources (a VLM scorer's HTTP pool and
+    event loop)."""
+    from trainer.transports.local import LocalRewardClient
+
+    client = LocalRewardClient("jpeg_compressibility")
+    closed = []
+    client.scorer.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    client.close()
+    assert closed == [True]

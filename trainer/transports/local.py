@@ -54,6 +54,7 @@ class LocalRewardClient(RewardClient):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.scorer.close()  # e.g. a VLM scorer's HTTP pool and event loop
 
 
 def local_client_from_config(cfg: Any) -> LocalRewardClient:
