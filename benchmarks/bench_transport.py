@@ -22,8 +22,6 @@ import contextlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import tests.transport_rewards  # noqa: E402, F401  (registers test_slow_jpeg)
 from tests.trainer.conftest import tiny_config  # noqa: E402
-from trainer.embedded import EmbeddedRewardServer, free_loopback_port  # noqa: E402
+from tests.transport_support import Workers, start_redis  # noqa: E402
+from trainer.embedded import EmbeddedRewardServer  # noqa: E402
 from trainer.reward_client import RewardClient, RewardResult, make_reward_client  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 from trainer.transports.redis import RedisRewardClient  # noqa: E402
@@ -140,7 +139,7 @@ def loop_table(
             stale_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats, max_staleness=1)
         row = f"{ratio:>5.2f} {delay:>6.2f} | {cell(sync_t, 13)} | {cell(async_t, 14)} | {cell(stale_t, 16)}"
         if redis:
-            with redis_worker(delay) as url:
+            with redis_with_workers(1, delay, "loop") as url:  # one worker: the HTTP server's one scorer
                 reward = {"name": "test_slow_jpeg", "transport": "redis", "redis_url": url}
                 redis_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
                 redis_stale_t = epoch_time(
@@ -151,82 +150,34 @@ def loop_table(
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throw-away redis-server on loopback; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH (scripts/ensure-test-services.sh installs it)")
-    port = free_loopback_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""], stdout=subprocess.DEVNULL
-    )
-    try:
-        time.sleep(0.3)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def start_workers(url: str, n: int, delay: float, name: str) -> list[subprocess.Popen]:
-    """``n`` real reward workers scoring ``test_slow_jpeg`` (one batch per ``delay`` s each), once ready."""
-    env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}", PYTHONPATH=str(ROOT))
-    procs, logs = [], []
-    for i in range(n):
-        log = tempfile.NamedTemporaryFile(prefix=f"worker{i}-", suffix=".log", delete=False)
-        logs.append(Path(log.name))
-        command = [
-            sys.executable,
-            "-m",
-            "reward_server.worker",
-            "--redis-url",
-            url,
-            "--consumer",
-            f"{name}-w{i}",
-        ]
-        command += ["--extra-rewards-module", EXTRA, "--rewards", "test_slow_jpeg", "--concurrency", "1"]
-        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
-    while not all("ready on stream" in p.read_text() for p in logs):
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("a reward worker exited at start-up: " + " ".join(map(str, logs)))
-        time.sleep(0.05)
-    return procs
-
-
-def stop_workers(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait(30)
-
-
-@contextlib.contextmanager
-def redis_worker(delay: float) -> Iterator[str]:
-    """Redis plus one worker that scores one batch per ``delay`` s (the HTTP server's one scorer)."""
-    with redis_server() as url:
-        procs = start_workers(url, 1, delay, "loop")
+def redis_with_workers(n: int, delay: float, name: str) -> Iterator[str]:
+    """A throw-away Redis and ``n`` real reward workers (tests/transport_support.py's), each scoring
+    one ``test_slow_jpeg`` batch per ``delay`` s; yields the Redis URL once every worker reads."""
+    redis = start_redis()
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as logs:
+        workers = Workers(redis, Path(logs))
         try:
-            yield url
+            for i in range(n):
+                workers.start(f"{name}-w{i}", "--concurrency", "1", delay_s=delay)
+            yield redis.url
         finally:
-            stop_workers(procs)
+            workers.stop_all()
+            redis.process.terminate()
+            redis.process.wait(10)
 
 
 def worker_scaling(workers: Sequence[int], delay: float, jobs: int) -> None:
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     print(f"\nRedis workers, each scoring one batch per L = {delay:.2f} s; {jobs} batches submitted at once:")
-    with redis_server() as url:
-        for n in workers:
-            procs = start_workers(url, n, delay, f"n{n}")
-            try:
-                with RedisRewardClient("test_slow_jpeg", url, deadline_s=600) as client:
-                    started = time.perf_counter()
-                    futures = [client.submit(images, ["a cat", "a dog"]) for _ in range(jobs)]
-                    for f in futures:
-                        f.result()
-                    elapsed = time.perf_counter() - started
-            finally:
-                stop_workers(procs)
-            print(f"  N = {n}: {jobs / elapsed:6.2f} batches/s ({elapsed:.2f} s; ideal {n / delay:.2f})")
+    for n in workers:
+        with redis_with_workers(n, delay, f"n{n}") as url:
+            with RedisRewardClient("test_slow_jpeg", url, deadline_s=600) as client:
+                started = time.perf_counter()
+                futures = [client.submit(images, ["a cat", "a dog"]) for _ in range(jobs)]
+                for f in futures:
+                    f.result()
+                elapsed = time.perf_counter() - started
+        print(f"  N = {n}: {jobs / elapsed:6.2f} batches/s ({elapsed:.2f} s; ideal {n / delay:.2f})")
 
 
 def main() -> None:
