@@ -245,8 +245,16 @@ class Trainer:
             self._pending = self._sample(epoch + 1)
         t_sampled = time.perf_counter()
         staleness = epoch - current.policy_epoch
-        # 2. Reward: the update needs this epoch's rewards (a failed batch: error, or dropped if configured).
+        # 2. Reward: the update needs this epoch's rewards (a failed batch: error, or dropped if
+        #    configured). Stale samples' proximal log-probs (under the current policy: no update
+        #    runs before this epoch's) need no reward, so they are computed while the rewards are
+        #    outstanding: a slow reward hides their cost.
+        proximal = None
+        if staleness > 0 and self.algorithm.objective == "policy_gradient":
+            proximal = self._log_probs_now(current.samples)
         samples, results, num_dropped = self.gather_rewards(current.samples, current.futures)
+        if proximal is not None and num_dropped:
+            proximal = proximal[self._kept_rows(current.futures)]
         t_rewarded = time.perf_counter()
         local_rewards = np.concatenate([r.rewards for r in results])
         # Every rank sees the global batch (global sample order), so the stat trackers agree.
@@ -261,7 +269,9 @@ class Trainer:
         local_advantages = local_slice(advantages, self.dist, num_batches)
         local_groups = local_slice(groups, self.dist, num_batches)
         # 4. Update.
-        train_info = self.update(epoch, samples, local_advantages, groups=local_groups, stale=staleness > 0)
+        train_info = self.update(
+            epoch, samples, local_advantages, groups=local_groups, proximal_log_probs=proximal
+        )
         train_info = mean_across_ranks(train_info, self.dist)
         t_trained = time.perf_counter()
 
@@ -434,6 +444,18 @@ class Trainer:
             raise RewardError(f"no batch of this epoch got its reward; first error: {errors[0]}")
         return samples.select(torch.tensor(keep)), results, len(samples) - len(keep)
 
+    def _kept_rows(self, futures: list[Future[RewardResult]]) -> torch.Tensor:
+        """The sample rows ``gather_rewards`` kept: those of the batches whose reward came."""
+        batch = self.cfg.sample.batch_size
+        return torch.tensor(
+            [
+                i
+                for b, f in enumerate(futures)
+                if f.exception() is None
+                for i in range(b * batch, (b + 1) * batch)
+            ]
+        )
+
     # -- 4. update ---------------------------------------------------------------------------
     def update(
         self,
@@ -442,15 +464,15 @@ class Trainer:
         advantages: np.ndarray,
         sample_weights: np.ndarray | None = None,
         groups: np.ndarray | None = None,
-        stale: bool = False,
+        proximal_log_probs: torch.Tensor | None = None,
     ) -> dict:
         """The algorithm's update on this rank's samples; returns loss statistics.
 
         ``advantages``: what the algorithm's ``advantages`` gave these samples (for RWR, its
         weights; ``sample_weights`` overrides them); ``groups``: their group ids (default: K
-        consecutive samples per group); ``stale``: sampled before the last update (decoupled PPO:
-        ratios to the proximal policy, the one at the start of this update, and truncated
-        behaviour weights).
+        consecutive samples per group); ``proximal_log_probs`` (B, S): given for samples drawn
+        before the last update, their log-probs under the policy at the start of this update
+        (decoupled PPO: ratios to this proximal policy, truncated behaviour weights).
         """
         cfg, t = self.cfg, self.cfg.train
         policy, algorithm = self.policy, self.algorithm
@@ -464,9 +486,7 @@ class Trainer:
         if groups is None:
             groups = group_ids(n, cfg.sample.images_per_prompt)
         groups_all = torch.as_tensor(np.asarray(groups), dtype=torch.long)
-        proximal = None
-        if stale and algorithm.objective == "policy_gradient":
-            proximal = self._log_probs_now(samples)
+        proximal = proximal_log_probs if algorithm.objective == "policy_gradient" else None
 
         infos: list[LossInfo] = []
         kls: list[float] = []

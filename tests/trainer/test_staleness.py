@@ -85,3 +85,52 @@ def test_without_the_pending_samples_resume_differs(make_tiny_config, tmp_path):
     resumed.run()
     final, again = _weights(full), _weights(resumed)
     assert any(not torch.equal(final[k], again[k]) for k in final)
+
+
+def test_stale_samples_train_against_the_policy_at_the_start_of_their_update(make_tiny_config):
+    """The proximal log-probs (computed while the rewards are outstanding) are those of the policy
+    the update starts from, computed here independently at the update's start: not the sampling
+    policy's, and not a policy of an update earlier."""
+    cfg = make_tiny_config(
+        train={"max_staleness": 1},
+        run={"num_epochs": 3, "eval_before_training": False, "eval_every": 100, "save_every": 100},
+    )
+    trainer = Trainer(cfg)
+    seen = []
+    original_update = trainer.update
+
+    def update(epoch, samples, advantages, **kwargs):
+        proximal = kwargs.get("proximal_log_probs")
+        if proximal is not None:
+            seen.append((proximal.clone(), samples.log_probs.clone(), _log_probs_by_hand(trainer, samples)))
+        return original_update(epoch, samples, advantages, **kwargs)
+
+    trainer.update = update
+    history = trainer.run()
+    assert [m["staleness"] for m in history] == [0, 1, 1]
+    assert len(seen) == 2
+    for proximal, behaviour, by_hand in seen:
+        torch.testing.assert_close(proximal, by_hand, rtol=0, atol=1e-5)
+        assert (proximal - behaviour).abs().max() > 1e-4  # the policy did move since sampling
+    # Ratios to the proximal policy start at 1 (up to batch-composition rounding).
+    assert history[1]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _log_probs_by_hand(trainer: Trainer, samples) -> torch.Tensor:
+    """log N(x_t' ; mean, std^2) of every recorded step under the current policy, summed per
+    dimension in float64 from the DDIM transition's mean and std (the trainer's log-prob is the mean
+    over dimensions)."""
+    policy, s = trainer.policy, trainer.cfg.sample
+    policy.scheduler.set_timesteps(s.num_steps)
+    out = torch.empty(samples.log_probs.shape, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(samples.timesteps.shape[1]):
+            x_t, t_j = samples.latents[:, j], samples.timesteps[:, j]
+            pred = policy.model_pred(
+                x_t, t_j, samples.prompt_embeds, samples.negative_embeds, s.guidance_scale
+            )
+            mean, std = policy.family.transition(policy.scheduler, pred, t_j, x_t, s)
+            mean, std, x = mean.double(), std.double().expand_as(mean), samples.next_latents[:, j].double()
+            log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)
+            out[:, j] = log_density.flatten(1).mean(1)
+    return out.float()
