@@ -12,13 +12,14 @@
    N = 1, 2, 4, against the sampler's 1/S batches/s.
 
     python benchmarks/bench_transport.py [--batches 4] [--steps 4] [--ratios 0.5 1 2] [--workers 1 2 4]
-        [--no-redis]
+        [--window-size 0] [--no-redis]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -75,10 +76,17 @@ def epoch_time(
     steps: int = 4,
     repeats: int = 3,
     max_staleness: int = 0,
+    window_size: int = 0,
 ) -> dict[str, float]:
     cfg = tiny_config(
         output,
-        sample={"num_steps": steps, "batch_size": 2, "num_batches_per_epoch": batches, "resolution": 32},
+        sample={
+            "num_steps": steps,
+            "batch_size": 2,
+            "num_batches_per_epoch": batches,
+            "resolution": 32,
+            "window_size": window_size,
+        },
         train={"batch_size": 2, "gradient_accumulation_steps": 1, "max_staleness": max_staleness},
         advantage={"buffer_size": 4, "min_count": 2},
         run={
@@ -110,11 +118,18 @@ def epoch_time(
 
 
 def loop_table(
-    output: Path, batches: int, ratios: Sequence[float], steps: int, repeats: int, redis: bool
+    output: Path,
+    batches: int,
+    ratios: Sequence[float],
+    steps: int,
+    repeats: int,
+    redis: bool,
+    window_size: int = 0,
 ) -> None:
-    base = epoch_time(
-        output, batches, {"name": "jpeg_compressibility", "transport": "local"}, steps=steps, repeats=repeats
+    timing = functools.partial(
+        epoch_time, output, batches, steps=steps, repeats=repeats, window_size=window_size
     )
+    base = timing({"name": "jpeg_compressibility", "transport": "local"})
     per_batch = base["sampling"] / batches
     print(
         f"instant in-process reward: epoch {base['total']:.2f} s (sampling {base['sampling']:.2f} s = "
@@ -134,17 +149,15 @@ def loop_table(
         env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}")
         with EmbeddedRewardServer(["test_slow_jpeg"], extra_rewards_modules=[EXTRA], env=env) as server:
             reward = {"name": "test_slow_jpeg", "transport": "http", "urls": [server.url]}
-            sync_t = epoch_time(output, batches, reward, wrap_sync=True, steps=steps, repeats=repeats)
-            async_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
-            stale_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats, max_staleness=1)
+            sync_t = timing(reward, wrap_sync=True)
+            async_t = timing(reward)
+            stale_t = timing(reward, max_staleness=1)
         row = f"{ratio:>5.2f} {delay:>6.2f} | {cell(sync_t, 13)} | {cell(async_t, 14)} | {cell(stale_t, 16)}"
         if redis:
             with redis_with_workers(1, delay, "loop") as url:  # one worker: the HTTP server's one scorer
                 reward = {"name": "test_slow_jpeg", "transport": "redis", "redis_url": url}
-                redis_t = epoch_time(output, batches, reward, steps=steps, repeats=repeats)
-                redis_stale_t = epoch_time(
-                    output, batches, reward, steps=steps, repeats=repeats, max_staleness=1
-                )
+                redis_t = timing(reward)
+                redis_stale_t = timing(reward, max_staleness=1)
             row += f" | {cell(redis_t, 15)} | {cell(redis_stale_t, 17)}"
         print(row, flush=True)
 
@@ -186,6 +199,12 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, default=4, help="sampling batches per epoch")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (sampling and update cost)")
+    parser.add_argument(
+        "--window-size",
+        type=int,
+        default=0,
+        help="train this many consecutive steps of each trajectory (sample.window_size; 0: every step)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (median)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="L / S values")
     parser.add_argument(
@@ -205,7 +224,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_loop:
             loop_table(
-                Path(tmp), args.batches, args.ratios, args.steps, args.repeats, redis=not args.no_redis
+                Path(tmp),
+                args.batches,
+                args.ratios,
+                args.steps,
+                args.repeats,
+                redis=not args.no_redis,
+                window_size=args.window_size,
             )
     worker_scaling(args.workers, args.worker_delay, args.jobs)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
