@@ -83,8 +83,11 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
-async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> bytearray:
-    """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed.
+async def read_body(
+    request: Request, limit: int, reservation: Reservation | None = None, hint: str = ""
+) -> bytearray:
+    """The request body, refusing (413) anything over ``limit`` bytes before it is all read or parsed
+    (``hint`` ends the 413's reason).
 
     With a ``reservation``, ``BODY_BYTES_FACTOR`` x the body is reserved against the memory budget
     before it is read: all of it from Content-Length, or chunk by chunk for a chunked body (429 or
@@ -94,7 +97,7 @@ async def read_body(request: Request, limit: int, reservation: Reservation | Non
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > limit:
         raise ApiError(
-            413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}"
+            413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}{hint}"
         )
     if reservation is not None and size is not None:
         reservation.grow(BODY_BYTES_FACTOR * size, f"a body of {size} bytes")
@@ -104,7 +107,7 @@ async def read_body(request: Request, limit: int, reservation: Reservation | Non
             reservation.grow(BODY_BYTES_FACTOR * len(chunk), "the body")
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes{hint}")
         if size is not None and len(body) > size:
             raise ApiError(400, "bad_request", "request body longer than its Content-Length")
     return body
@@ -361,11 +364,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 parsed, fp = await read_binary_request(request, service, reservation)
                 metrics.body_bytes.labels("binary").inc(parsed.body_bytes)
             else:
-                body = await read_body(request, settings.max_body_bytes, reservation)
+                limit = min(settings.max_body_bytes, settings.max_json_body_bytes)
+                hint = f" for JSON; send large batches as a binary body (Content-Type: {binary.MEDIA_TYPE})"
+                body = await read_body(request, limit, reservation, hint)
                 metrics.body_bytes.labels("json").inc(len(body))
                 parsed = await service.aparse(body)
-                # The parsed request holds the strings now; its fingerprint's canonical JSON (a copy of
-                # the body while it is hashed) fits in the share of the body reserved for parsing.
+                # The parsed request holds the strings now (the fingerprint copies one image at a
+                # time while hashing it: within the share of the body reserved for parsing).
                 del body
             if parsed.reward in service.batchers:
                 label = parsed.reward

@@ -28,8 +28,9 @@ from shared.schemas import ScoreFields, ScoreRequest, ScoreResponse
 
 
 def fingerprint(request: ScoreRequest | BinaryScoreRequest) -> str:
-    """SHA-256 (first 128 bits) of the canonical JSON of everything but the request_id (bytes straight
-    from pydantic). SHA-256 rather than BLAKE2b: 1.5x faster here (SHA-NI), 0.95 vs 0.63 GB/s.
+    """SHA-256 (first 128 bits) of everything but the request_id: the canonical JSON of the fields
+    (bytes straight from pydantic), then every image. SHA-256 rather than BLAKE2b: 1.5x faster here
+    (SHA-NI), 0.95 vs 0.63 GB/s.
 
     A binary request: its fields' canonical JSON, its shape, then every pixel byte. The codecs hash
     differently, so one request_id sent once as JSON and once as binary is a conflict (409).
@@ -38,8 +39,16 @@ def fingerprint(request: ScoreRequest | BinaryScoreRequest) -> str:
         digest = binary_digest(request.fields, request.images.shape)
         digest.update(request.images.data)
         return digest.hexdigest()[:32]
-    canonical = ScoreRequest.__pydantic_serializer__.to_json(request, exclude={"request_id"})
-    return hashlib.sha256(canonical).hexdigest()[:32]
+    # The fields' canonical JSON, then each image length-prefixed: serializing a 100 MB request in
+    # one call would hold the interpreter lock for ~0.1 s (the event loop with it); hashlib
+    # releases it while it hashes each image.
+    digest = hashlib.sha256(b"ddpo-json\0")
+    digest.update(ScoreRequest.__pydantic_serializer__.to_json(request, exclude={"request_id", "images"}))
+    for image in request.images:
+        data = image.encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:32]
 
 
 def binary_digest(fields: ScoreFields, shape: tuple[int, ...]) -> Any:

@@ -132,6 +132,38 @@ def test_fingerprint_ignores_only_the_request_id_and_formatting():
         assert fingerprint(ScoreRequest(**{**base, field: value})) != fingerprint(ScoreRequest(**base)), field
 
 
+def test_fingerprinting_a_large_request_lets_other_threads_run():
+    """The fingerprint runs in a thread beside the event loop: hashing 100 MiB of base64 must
+    not hold the interpreter lock in one piece (one serialization of the whole request held it
+    for ~0.1 s). A ticker thread's longest gap stays far below that."""
+    import threading
+    import time
+
+    image = base64.b64encode(np.random.default_rng(0).bytes(3 * 2**20)).decode()  # 4 MiB of base64
+    request = ScoreRequest(request_id="r", reward="r", images=[image] * 25, prompts=["p"] * 25)
+    fingerprint(request)  # warm-up
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        for _ in range(3):
+            fingerprint(request)
+    finally:
+        done.set()
+        ticker.join()
+    assert max(gaps) < 0.04, f"longest gap {max(gaps) * 1000:.0f} ms"
+
+
 def test_binary_fingerprint_streamed_in_chunks_is_the_fingerprint():
     """The server hashes a binary body's pixels chunk by chunk as they arrive: same value, any split."""
     from reward_server.idempotency import binary_digest
