@@ -39,7 +39,7 @@ from reward_server.budget import BODY_BYTES_FACTOR
 from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import import_extra_rewards  # plugins: one loader, the registry's
-from reward_server.service import RewardService
+from reward_server.service import THREAD_PARSE_BYTES, RewardService
 from reward_server.settings import ScoringSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
 from shared.cli import ArgumentParser, CommandLineError, add_settings_flags
@@ -321,8 +321,19 @@ class RewardWorker:
         async def poison(rid: str | None, reply_to: str | None, error: str, reason: str) -> None:
             await self.poison(message_id, raw, rid, reply_to, error, reason, deliveries, body)
 
+        settings = self.service.settings
+        limit = min(settings.max_body_bytes, settings.max_json_body_bytes)
+        if len(raw) > limit:  # the JSON codec's request: parsing it would hold this loop (see the server)
+            rid, reply_to = await asyncio.to_thread(_salvage_ids, raw)
+            reason = f"JSON job of {len(raw)} bytes is over the limit of {limit}; send large batches binary"
+            await poison(rid, reply_to, "body_too_large", reason)
+            return
         try:
-            job = RedisJob.model_validate_json(raw)
+            job = (
+                await asyncio.to_thread(RedisJob.model_validate_json, raw)
+                if len(raw) > THREAD_PARSE_BYTES
+                else RedisJob.model_validate_json(raw)
+            )
         except ValidationError as err:
             rid, reply_to = _salvage_ids(raw)
             reason = format_validation_error(err, root="job")

@@ -345,3 +345,34 @@ def test_corrupt_binary_jobs_are_dead_lettered_with_the_reason(
     with RedisRewardClient("jpeg_compressibility", redis_server.url, deadline_s=30) as client:
         b = batch(6)
         np.testing.assert_array_equal(client.submit(b, PROMPTS).result(timeout=30).rewards, expected(b))
+
+
+def test_a_json_job_over_the_json_limit_is_refused_unparsed(
+    reward_workers: Workers, redis_server: RedisServer
+):
+    """A JSON-codec job larger than max_json_body_bytes (parsing it would hold the worker's loop) is
+    dead-lettered as body_too_large and its trainer answered at once; smaller JSON jobs still score."""
+    reward_workers.start("w1", "--max-json-body-bytes", "200000")
+    r = redis_server.client()
+    reply_to = "ddpo:rewards:replies:large"
+    large = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)  # ~790 kB of PNG
+    small = batch(7)
+    for rid, images in (("large-json", large), ("small-json", small)):
+        job = RedisJob(
+            request=build_request(rid, "jpeg_compressibility", images, PROMPTS, None),
+            reply_to=reply_to,
+            submitted_at=time.time(),
+        )
+        r.xadd("ddpo:rewards:jobs", {"job": job.model_dump_json()})
+    wait_for(lambda: r.xlen(reply_to) == 2, 30, "both answers")
+    results = {}
+    for _, fields in r.xrange(reply_to):
+        result = json.loads(fields[b"result"])
+        results[result["request_id"]] = result
+    assert results["large-json"]["ok"] is False
+    assert results["large-json"]["error"]["error"] == "body_too_large"
+    assert "binary" in results["large-json"]["error"]["reason"]
+    assert results["small-json"]["ok"], results["small-json"]
+    assert results["small-json"]["response"]["rewards"] == pytest.approx(expected(small).tolist())
+    dead = [f for _, f in r.xrange("ddpo:rewards:jobs:dead")]
+    assert [f[b"error"] for f in dead] == [b"body_too_large"]
