@@ -105,6 +105,34 @@ class SampledEpoch:
     policy_epoch: int  # updates applied to the policy that sampled them (staleness = epoch - this)
 
 
+@dataclasses.dataclass
+class UpdateBatch:
+    """What every minibatch of one update reads: this rank's samples and their training signal."""
+
+    samples: Trajectories
+    advantages: torch.Tensor  # (B,) fp32: the algorithm's advantages (RWR: its weights)
+    groups: torch.Tensor  # (B,) long: group ids
+    num_timesteps: int  # trained steps per sample
+    proximal_log_probs: torch.Tensor | None  # (B, S): stale samples only (decoupled PPO)
+
+
+@dataclasses.dataclass
+class Minibatch:
+    """One minibatch of an update."""
+
+    idx: torch.Tensor  # (b,) rows of the UpdateBatch
+    steps: torch.Tensor  # (b, S): each sample's trained steps, in order (the first num_timesteps count)
+    scale: float  # loss scale: a mean over the timesteps and the accumulated minibatches
+    sync: bool  # the last minibatch before an optimizer step (DDP all-reduces on its last backward)
+
+
+@dataclasses.dataclass
+class MinibatchStats:
+    loss: float
+    infos: list[LossInfo]  # per trained step
+    kls: list[float]  # per trained step, when KL to the reference is computed
+
+
 class Trainer:
     def __init__(
         self,
@@ -478,15 +506,18 @@ class Trainer:
         policy, algorithm = self.policy, self.algorithm
         policy.unet.train()
         policy.scheduler.set_timesteps(cfg.sample.num_steps, device=policy.device)
-        num_timesteps = cfg.num_train_timesteps()
         n, steps = len(samples), samples.timesteps.shape[1]
         if algorithm.objective == "denoising" and sample_weights is not None:
             advantages = sample_weights
-        adv_all = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
         if groups is None:
             groups = group_ids(n, cfg.sample.images_per_prompt)
-        groups_all = torch.as_tensor(np.asarray(groups), dtype=torch.long)
-        proximal = proximal_log_probs if algorithm.objective == "policy_gradient" else None
+        batch = UpdateBatch(
+            samples,
+            torch.as_tensor(advantages, dtype=torch.float32, device=policy.device),
+            torch.as_tensor(np.asarray(groups), dtype=torch.long),
+            cfg.num_train_timesteps(),
+            proximal_log_probs if algorithm.objective == "policy_gradient" else None,
+        )
 
         infos: list[LossInfo] = []
         kls: list[float] = []
@@ -502,44 +533,33 @@ class Trainer:
         )
         for inner in range(t.num_inner_epochs):
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, epoch, inner, self.rank, 2))
-            order = minibatch_order(groups_all, algorithm.keeps_groups_together, generator=gen)
+            order = minibatch_order(batch.groups, algorithm.keeps_groups_together, generator=gen)
             # Each sample trains on its own random subset/order of denoising steps (a group on the
             # same ones when the algorithm compares its samples step by step).
             step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])
             if algorithm.keeps_groups_together:
                 first_of_group = {}
-                for i, g in enumerate(groups_all.tolist()):
+                for i, g in enumerate(batch.groups.tolist()):
                     first_of_group.setdefault(g, i)
-                step_perm = step_perm[[first_of_group[g] for g in groups_all.tolist()]]
+                step_perm = step_perm[[first_of_group[g] for g in batch.groups.tolist()]]
             self.optimizer.zero_grad(set_to_none=True)
             for mb_index, start in enumerate(range(0, n, t.batch_size)):
                 idx = order[start : start + t.batch_size]
-                perm = step_perm[idx]
                 group_start = mb_index - mb_index % t.gradient_accumulation_steps
                 group_size = min(t.gradient_accumulation_steps, num_minibatches - group_start)
                 # Step at every accumulation boundary and after the last minibatch (a short group
                 # when batches were dropped), each group's gradient a mean over its minibatches.
                 boundary = mb_index + 1 == group_start + group_size
-                scale = 1.0 / (num_timesteps * group_size)
+                minibatch = Minibatch(
+                    idx, step_perm[idx], scale=1.0 / (batch.num_timesteps * group_size), sync=boundary
+                )
                 if algorithm.objective == "denoising":
-                    loss_sum = self._denoising_minibatch(
-                        samples, idx, adv_all, num_timesteps, gen, scale, boundary
-                    )
+                    losses.append(self._denoising_minibatch(batch, minibatch, gen))
                 else:
-                    loss_sum = self._pg_minibatch(
-                        samples,
-                        idx,
-                        perm,
-                        adv_all,
-                        groups_all,
-                        num_timesteps,
-                        infos,
-                        kls,
-                        scale,
-                        boundary,
-                        proximal,
-                    )
-                losses.append(loss_sum)
+                    stats = self._pg_minibatch(batch, minibatch)
+                    losses.append(stats.loss)
+                    infos += stats.infos
+                    kls += stats.kls
                 if boundary:
                     grad_norms.append(self._optimizer_step())
                 bar.update(1)
@@ -555,40 +575,27 @@ class Trainer:
             "optimizer_steps": len(grad_norms),
         }
 
-    def _pg_minibatch(
-        self,
-        samples,
-        idx,
-        perm,
-        adv_all,
-        groups_all,
-        num_timesteps,
-        infos,
-        kls,
-        scale,
-        boundary=True,
-        proximal=None,
-    ) -> float:
+    def _pg_minibatch(self, batch: UpdateBatch, mb: Minibatch) -> MinibatchStats:
         """Policy gradient on one minibatch: backward per trained timestep (memory stays flat).
 
         loss = the algorithm's step loss + kl_beta * KL(current || reference) on every trained step.
         """
-        t, s, policy = self.cfg.train, self.cfg.sample, self.policy
-        rows = torch.arange(len(idx)).unsqueeze(1)
-        latents = samples.latents[idx][rows, perm]
-        next_latents = samples.next_latents[idx][rows, perm]
-        old_log_probs = samples.log_probs[idx][rows, perm]
+        t, s, policy, samples = self.cfg.train, self.cfg.sample, self.policy, batch.samples
+        idx, rows = mb.idx, torch.arange(len(mb.idx)).unsqueeze(1)
+        latents = samples.latents[idx][rows, mb.steps]
+        next_latents = samples.next_latents[idx][rows, mb.steps]
+        old_log_probs = samples.log_probs[idx][rows, mb.steps]
         weights = None
-        if proximal is not None:  # stale samples: ratios to the proximal policy, behaviour weights
+        if batch.proximal_log_probs is not None:  # stale samples: ratios to the proximal policy
             behavior = old_log_probs
-            old_log_probs = proximal[idx][rows, perm]
+            old_log_probs = batch.proximal_log_probs[idx][rows, mb.steps]
             weights = torch.exp(old_log_probs - behavior).clamp(max=t.behavior_weight_max)
-        timesteps = samples.timesteps[idx][rows, perm]
+        timesteps = samples.timesteps[idx][rows, mb.steps]
         prompt_embeds, negative_embeds = samples.prompt_embeds[idx], samples.negative_embeds[idx]
-        adv, groups = adv_all[idx], groups_all[idx]
-        total = 0.0
-        for j in range(num_timesteps):
-            with self._grad_sync(boundary and j == num_timesteps - 1):
+        adv, groups = batch.advantages[idx], batch.groups[idx]
+        stats = MinibatchStats(0.0, [], [])
+        for j in range(batch.num_timesteps):
+            with self._grad_sync(mb.sync and j == batch.num_timesteps - 1):
                 x_t, t_j = latents[:, j], timesteps[:, j]
                 model_pred = policy.model_pred(x_t, t_j, prompt_embeds, negative_embeds, s.guidance_scale)
                 _, log_prob = policy.family.step_with_logprob(
@@ -604,11 +611,11 @@ class Trainer:
                         ).mean()
                     if t.kl_beta > 0:
                         loss = loss + t.kl_beta * kl
-                    kls.append(float(kl))
-                (loss * scale).backward()
-            infos.append(info)
-            total += loss.item() / num_timesteps
-        return total
+                    stats.kls.append(float(kl))
+                (loss * mb.scale).backward()
+            stats.infos.append(info)
+            stats.loss += loss.item() / batch.num_timesteps
+        return stats
 
     @torch.no_grad()
     def _log_probs_now(self, samples: Trajectories) -> torch.Tensor:
@@ -635,15 +642,16 @@ class Trainer:
         ref_mean, _ = policy.family.transition(policy.scheduler, ref_pred, t_j, x_t, s)
         return gaussian_kl_same_std(mean, ref_mean, std)
 
-    def _denoising_minibatch(self, samples, idx, weights, num_timesteps, gen, scale, boundary=True) -> float:
-        """RWR: the weighted denoising loss on the sampled final latents at random noise levels.
+    def _denoising_minibatch(self, batch: UpdateBatch, mb: Minibatch, gen: torch.Generator) -> float:
+        """RWR: the weighted denoising loss on the sampled final latents at random noise levels
+        (drawn from ``gen``); returns the minibatch's mean loss.
 
         The target is what the network predicts (``prediction_type``): the noise, x0 or v.
         """
-        policy = self.policy
+        policy, idx, num_timesteps = self.policy, mb.idx, batch.num_timesteps
         scheduler = policy.scheduler
-        x0 = samples.next_latents[idx, -1]
-        embeds = samples.prompt_embeds[idx]
+        x0 = batch.samples.next_latents[idx, -1]
+        embeds = batch.samples.prompt_embeds[idx]
         total = 0.0
         for j in range(num_timesteps):
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -658,10 +666,10 @@ class Trainer:
                 target = x0
             else:
                 target = scheduler.get_velocity(x0, noise, tt)
-            with self._grad_sync(boundary and j == num_timesteps - 1):
+            with self._grad_sync(mb.sync and j == num_timesteps - 1):
                 model_pred = policy.model_pred(noisy, tt, embeds, embeds, guidance_scale=1.0)
-                loss = self.algorithm.denoising_loss(model_pred, target, weights[idx])
-                (loss * scale).backward()
+                loss = self.algorithm.denoising_loss(model_pred, target, batch.advantages[idx])
+                (loss * mb.scale).backward()
             total += loss.item() / num_timesteps
         return total
 

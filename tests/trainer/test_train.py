@@ -1,7 +1,6 @@
 """The training loop on the tiny model: on-policy ratio, what changes, exact resume, LoRA export."""
 
 import copy
-import inspect
 import json
 from concurrent.futures import Future
 
@@ -32,8 +31,7 @@ def test_first_on_policy_ratio_is_exactly_one(make_tiny_config):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        infos = inspect.signature(original).bind(*args, **kwargs).arguments["infos"]
-        captured.setdefault("infos", list(infos))
+        captured.setdefault("infos", list(out.infos))
         return out
 
     trainer._pg_minibatch = spy
