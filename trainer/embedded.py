@@ -10,9 +10,10 @@ when the client closes, at interpreter exit, or when the trainer process dies.
 
 The child is the server's own entry point, ``python -m reward_server.cli`` (``ddpo-reward-server``),
 configured by its public command line: ``--parent-pid`` (it exits when the trainer is gone),
-``--extra-rewards-module`` (plugins registering more rewards), and one flag per server setting
-(``reward.server_settings``). Secrets (``*api_key``) go by environment instead: command lines are
-visible to other users in ``ps``. Nothing here imports the reward server.
+``--extra-rewards-module`` (plugins registering more rewards), and ``--config FILE`` holding
+``reward.server_settings`` (a private JSON file, removed once the server is up). Secrets
+(``*api_key``) go by environment instead: command lines are visible to other users in ``ps``.
+Nothing here imports the reward server.
 """
 
 from __future__ import annotations
@@ -41,32 +42,22 @@ def free_loopback_port() -> int:
 SECRET_SETTINGS = ("api_key", "vlm_api_key")  # sent as DDPO_REWARD_<NAME>, never on the command line
 
 
-def server_flags(settings: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """``ddpo-reward-server`` flags for reward-server settings, and environment for the secret ones.
+def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the settings for the server's ``--config`` file, environment for the secret ones).
 
-    The flag syntax is the server CLI's: ``--name value``, ``--flag``/``--no-flag`` for booleans,
-    ``--name a b`` for lists, JSON for mappings. ``None`` (every optional setting's default) is
-    left out: no flag can spell it.
+    A file, not flags, because it spells every value as it is: ``null`` (e.g. ``limit_concurrency``:
+    no limit), empty lists, mappings. Secrets go by environment: the file is private (0600) but
+    outlives nothing it need not, and the environment is what the server documents for them.
     """
-    args: list[str] = []
+    values: dict[str, Any] = {}
     env: dict[str, str] = {}
     for name, value in settings.items():
-        if value is None:
-            continue
         if name in SECRET_SETTINGS:
-            env[f"DDPO_REWARD_{name.upper()}"] = str(value)
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            if value:  # an empty list is every list setting's default; nargs='+' cannot spell it
-                args += [flag, *(str(v) for v in value)]
-        elif isinstance(value, Mapping):
-            args += [flag, json.dumps(value)]
+            if value is not None:
+                env[f"DDPO_REWARD_{name.upper()}"] = str(value)
         else:
-            args += [flag, str(value)]
-    return args, env
+            values[name] = value
+    return values, env
 
 
 class EmbeddedRewardServer:
@@ -93,6 +84,7 @@ class EmbeddedRewardServer:
         self.startup_timeout_s = startup_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen[bytes] | None = None
+        self.config_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -101,13 +93,25 @@ class EmbeddedRewardServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        """The server's own CLI; ``extra_args`` come last, so they win over ``settings``."""
+        """The server's own CLI: ``settings`` in a ``--config`` file; the flags (``extra_args``
+        last) win over it."""
         cmd = [sys.executable, "-m", "reward_server.cli", "--parent-pid", str(os.getpid())]
         for module in self.extra_rewards_modules:
             cmd += ["--extra-rewards-module", module]
-        settings = {k: v for k, v in self.settings.items() if k not in ("host", "port", "rewards")}
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--rewards", *self.rewards]
-        return cmd + server_flags(settings)[0] + self.extra_args
+        return cmd + self.extra_args
+
+    def _write_config(self) -> dict[str, str]:
+        """The settings file (private; removed once the server is up); returns the secrets' environment."""
+        values, env = split_settings(self.settings)
+        values = {k: v for k, v in values.items() if k not in ("host", "port", "rewards")}
+        fd, name = tempfile.mkstemp(prefix="ddpo-reward-server-", suffix=".json")  # mode 0600
+        with os.fdopen(fd, "w") as file:
+            json.dump(values, file)
+        self.config_path = Path(name)
+        return env
 
     def start(self) -> EmbeddedRewardServer:
         if self.process is not None and self.process.poll() is None:
@@ -119,7 +123,7 @@ class EmbeddedRewardServer:
             os.close(fd)
             self.log_path = Path(name)
         env = dict(os.environ if self.env is None else self.env)
-        env.update(server_flags(self.settings)[1])
+        env.update(self._write_config())
         # The child must import this checkout's packages even when run from elsewhere.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
@@ -133,7 +137,13 @@ class EmbeddedRewardServer:
             )
         atexit.register(self.stop)
         self._wait_ready()
+        self._remove_config()  # read at start-up only
         return self
+
+    def _remove_config(self) -> None:
+        if self.config_path is not None:
+            self.config_path.unlink(missing_ok=True)
+            self.config_path = None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -166,6 +176,7 @@ class EmbeddedRewardServer:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it does not exit within ``timeout``."""
         process, self.process = self.process, None
+        self._remove_config()
         if process is None:
             return
         atexit.unregister(self.stop)

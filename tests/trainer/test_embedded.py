@@ -1,6 +1,6 @@
-"""The embedded reward server: the server's own CLI in a child process, configured by its flags.
+"""The embedded reward server: the server's own CLI in a child process, configured by its command line.
 
-``reward.server_settings`` become ``ddpo-reward-server`` flags (secrets: environment), plugins load
+``reward.server_settings`` go in a ``--config`` file (secrets: environment), plugins load
 through ``--extra-rewards-module``, and ``--parent-pid`` stops the server when the trainer dies.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from reward_server.cli import settings_from_args
 from reward_server.settings import ServerSettings
-from trainer.embedded import EmbeddedRewardServer, server_flags
+from trainer.embedded import EmbeddedRewardServer
 from trainer.transports.errors import RewardRejectedError
 from trainer.transports.http import HttpRewardClient
 
@@ -29,31 +29,53 @@ PROBE = "tests.settings_probe_reward"
 API_KEY = "0123456789abcdef"
 
 
-def test_server_flags_parse_back_to_the_same_settings(monkeypatch):
+def test_settings_reach_the_server_as_they_are(monkeypatch, tmp_path):
+    """The child's command line and environment parse back to exactly the given settings, null
+    (limit_concurrency: no limit, not the default 512) and empty lists included; secrets never in
+    the command line or the (private) settings file."""
     for name in list(os.environ):
         if name.startswith("DDPO_REWARD_"):
             monkeypatch.delenv(name)
     settings = {
-        "rewards": ["jpeg_compressibility", "jpeg_incompressibility"],
         "vlm_backend": "openai",
         "vlm_question": "what is --this?",
         "max_wait_ms": 2.5,
         "max_batch_size": 3,
         "cross_request_batching": False,
         "llava_strict_whole_word": True,
-        "allowed_hosts": ["reward.internal", "10.0.0.5"],
+        "allowed_hosts": [],
+        "limit_concurrency": None,
         "batching": {"jpeg_compressibility": {"max_batch_size": 2}},
         "aesthetic_mlp_path": None,
         "api_key": API_KEY,
         "vlm_api_key": "vlm-secret",
     }
-    args, env = server_flags(settings)
-    assert API_KEY not in " ".join(args) and "vlm-secret" not in " ".join(args)  # not visible in ps
+    server = EmbeddedRewardServer(
+        ["jpeg_compressibility", "jpeg_incompressibility"], port=1234, settings=settings
+    )
+    env = server._write_config()
+    try:
+        assert server.config_path is not None and server.config_path.stat().st_mode & 0o777 == 0o600
+        stored = server.config_path.read_text()
+        command = server.command()
+    finally:
+        server.stop()
+    assert server.config_path is None
+    for secret in (API_KEY, "vlm-secret"):
+        assert secret not in " ".join(command) and secret not in stored  # not visible in ps
     assert env == {"DDPO_REWARD_API_KEY": API_KEY, "DDPO_REWARD_VLM_API_KEY": "vlm-secret"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    config = tmp_path / "config.json"
+    config.write_text(stored)
+    args = command[command.index("--config") :]
+    args[1] = str(config)
     parsed, _ = settings_from_args(args)
-    assert parsed.model_dump() == ServerSettings(**settings).model_dump()
+    expected = ServerSettings(
+        **settings, host="127.0.0.1", port=1234, rewards=["jpeg_compressibility", "jpeg_incompressibility"]
+    )
+    assert parsed.limit_concurrency is None and parsed.allowed_hosts == []
+    assert parsed.model_dump() == expected.model_dump()
 
 
 def test_embedded_server_gets_settings_plugins_and_secrets(tmp_path):
