@@ -147,6 +147,7 @@ class RewardWorker:
         self.settings = settings
         self.server_settings = server_settings
         self.service = RewardService(server_settings, ServerMetrics())
+        self.score_retry = RetryPolicy(settings.score_attempts, SCORE_RETRY_INITIAL_S, SCORE_RETRY_MAX_S)
         self.dead_letter = dead_letter_key(settings.redis_stream)
         self.running: dict[bytes, asyncio.Task[None]] = {}
         # Jobs taken over from dead workers, waiting for a slot (they go before new jobs).
@@ -393,7 +394,6 @@ class RewardWorker:
         ``body_bytes``: a binary request's body, which its images are views of: reserved against the
         memory budget like an HTTP body (its pixels need no decoding).
         """
-        policy = RetryPolicy(self.settings.score_attempts, SCORE_RETRY_INITIAL_S, SCORE_RETRY_MAX_S)
 
         async def attempt(_number: int, _left: float | None) -> ScoreResponse:
             try:
@@ -419,7 +419,7 @@ class RewardWorker:
             )
 
         try:
-            return await policy.run(attempt, on_retry), None
+            return await self.score_retry.run(attempt, on_retry), None
         except RetriesExhausted as gave_up:
             err = gave_up.last.detail
         except ApiError as failed:

@@ -77,9 +77,7 @@ class HttpRewardClient(LoopRewardClient):
         self.reward = reward
         self.codec = check_codec(codec)
         self.urls = [u.rstrip("/") for u in urls]
-        self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
-        self.max_attempts = max_attempts
         self.retry = RetryPolicy(max_attempts, backoff_initial_s, backoff_max_s, deadline_s=deadline_s)
         self.load_balancing = load_balancing
         self._inflight = dict.fromkeys(self.urls, 0)
@@ -140,7 +138,9 @@ class HttpRewardClient(LoopRewardClient):
             return to_result(response, rid, self.reward, len(prompts))
 
         def on_retry(number: int, failure: TransientError, delay: float) -> None:
-            log.info("reward request %s attempt %d/%d: %s", rid, number, self.max_attempts, failure.reason)
+            log.info(
+                "reward request %s attempt %d/%d: %s", rid, number, self.retry.max_attempts, failure.reason
+            )
 
         try:
             return await self.retry.run(attempt, on_retry)
@@ -150,11 +150,11 @@ class HttpRewardClient(LoopRewardClient):
         if spent.by_deadline:
             when = (
                 "exceeded"
-                if spent.elapsed_s >= self.deadline_s
+                if spent.elapsed_s >= self.retry.deadline_s
                 else f"would pass before attempt {spent.attempts + 1}"
             )
             raise RewardDeadlineError(
-                f"deadline of {self.deadline_s:g} s {when} for request {rid} ({self.reward}); "
+                f"deadline of {self.retry.deadline_s:g} s {when} for request {rid} ({self.reward}); "
                 f"last error: {last.reason}",
                 rid,
             )
