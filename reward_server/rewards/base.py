@@ -12,7 +12,6 @@ import functools
 import importlib
 import importlib.util
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +52,14 @@ class UnknownRewardError(KeyError):
         return self.args[0]
 
 
-class Scorer(ABC):
+class Scorer:
     """Turns a batch of RGB uint8 images (+ prompts, + metadata) into one RewardOutput each.
 
-    Subclasses implement ``score`` (blocking) or override ``ascore`` (natively async, e.g. a
-    VLM behind HTTP). ``from_settings`` builds one from the reward server's settings object.
+    Every caller goes through ``ascore`` on an event loop it keeps (the server's, the worker's,
+    the trainer's in-process transport's), so a scorer is async-only: CPU-bound ones implement the
+    blocking ``score`` (``ascore`` runs it in a worker thread); natively async ones (a VLM behind
+    HTTP) override ``ascore`` and ``aclose`` instead. ``from_settings`` builds one from the reward
+    server's settings object.
     """
 
     name: ClassVar[str] = ""
@@ -66,16 +68,16 @@ class Scorer(ABC):
     def from_settings(cls, settings: Any = None) -> Scorer:
         return cls()
 
-    @abstractmethod
     def score(
         self,
         images: Sequence[np.ndarray],
         prompts: Sequence[str],
         metadata: Sequence[dict[str, Any]],
     ) -> list[RewardOutput]:
-        """Score a batch; same length and order as ``images``."""
+        """Score a batch, blocking (CPU-bound scorers); same length and order as ``images``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score nor ascore")
 
-    def check_inputs(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:  # noqa: B027
+    def check_inputs(self, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> None:
         """Reject malformed per-sample inputs (e.g. missing VQA questions) before any work is queued.
 
         Raise ValueError with a reason; the server answers 422 (``InputLimitError``: 413). The
@@ -96,11 +98,8 @@ class Scorer(ABC):
         """Async entry point for the server; CPU-bound scorers run in a worker thread."""
         return await asyncio.to_thread(self.score, images, prompts, metadata)
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release clients/models; called at server shutdown."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Blocking callers' ``aclose`` (the in-process transport): release what ``score`` opened."""
+    async def aclose(self) -> None:
+        """Release clients/models, on the loop that scored; called when the caller shuts down."""
 
 
 REWARD_REGISTRY: dict[str, type[Scorer]] = {}

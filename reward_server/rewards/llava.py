@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,26 +25,11 @@ from reward_server.vlm.base import VLMBackend, VLMError, build_vlm_backend
 
 
 class _VLMScorer(Scorer):
-    """Shared plumbing: a VLM backend, async scoring (``ascore``, what the server calls).
-
-    ``score``, the blocking entry for callers without an event loop (the trainer's in-process
-    client, scripts), drives ``ascore`` on one event loop of this scorer's, made at the first call
-    and reused: the VLM client's HTTP pool is made once, not per call (``asyncio.run`` would make a
-    new loop, and so a new pool, every time).
-    """
+    """Shared plumbing: a VLM backend; async-only (``ascore``), its HTTP pool bound to the one loop
+    its caller scores on."""
 
     def __init__(self, vlm: VLMBackend):
         self.vlm = vlm
-        self._blocking_loop: asyncio.AbstractEventLoop | None = None
-        self._blocking_lock = threading.Lock()  # one blocking call at a time drives the loop
-
-    def score(
-        self, images: Sequence[np.ndarray], prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
-    ) -> list[RewardOutput]:
-        with self._blocking_lock:
-            if self._blocking_loop is None:
-                self._blocking_loop = asyncio.new_event_loop()
-            return self._blocking_loop.run_until_complete(self.ascore(images, prompts, metadata))
 
     async def ask(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
         answers = await self.vlm.answer(images, questions)
@@ -58,16 +42,6 @@ class _VLMScorer(Scorer):
 
     async def aclose(self) -> None:
         await self.vlm.aclose()
-
-    def close(self) -> None:
-        """Blocking callers: close the VLM client on the loop ``score`` used, then that loop."""
-        with self._blocking_lock:
-            if self._blocking_loop is not None:
-                loop, self._blocking_loop = self._blocking_loop, None
-                try:
-                    loop.run_until_complete(self.aclose())
-                finally:
-                    loop.close()
 
 
 # Portable BERTScore model names: weights shipped by a pip package (offline), and their layer.

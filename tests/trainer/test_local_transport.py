@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -45,12 +47,17 @@ def test_local_server_settings_are_still_validated():
 
 
 def test_close_releases_the_scorer():
-    """close() ends the scoring thread, then the scorer's own resources (a VLM scorer's HTTP pool and
-    event loop)."""
+    """close() ends the scoring loop after the scorer's own ``aclose`` ran on it (a VLM scorer's
+    HTTP pool)."""
     from trainer.transports.local import LocalRewardClient
 
     client = LocalRewardClient("jpeg_compressibility")
     closed = []
-    client.scorer.close = lambda: closed.append(True)  # type: ignore[method-assign]
+
+    async def aclose() -> None:
+        closed.append(asyncio.get_running_loop())
+
+    client.scorer.aclose = aclose  # type: ignore[method-assign]
+    loop = client._loop.loop
     client.close()
-    assert closed == [True]
+    assert closed == [loop] and loop.is_closed()

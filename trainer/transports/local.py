@@ -1,4 +1,4 @@
-"""``local`` transport: score in this process, on a background thread (sampling still overlaps).
+"""``local`` transport: score in this process, on a background event loop (sampling still overlaps).
 
 The scorer comes from the reward registry (``reward_server.rewards``, the interface trainer and
 server share), imported only when this transport is built. It is configured from the trainer's
@@ -8,17 +8,20 @@ but reads no ``DDPO_REWARD_*`` environment variable (those configure reward *ser
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
 from trainer.reward_api import RewardClient, RewardResult, check_images
+from trainer.transports.base import BackgroundLoop
 
 
 class LocalRewardClient(RewardClient):
-    """Scores in this process, on a background thread (so sampling still overlaps with it).
+    """Scores in this process with the scorer's ``ascore``, on one event loop in a background
+    thread (so sampling still overlaps with it), one batch at a time.
 
     ``settings``: None, a mapping of reward-server setting names (``reward.server_settings``), or a
     settings object with those attributes.
@@ -30,10 +33,14 @@ class LocalRewardClient(RewardClient):
 
         self.reward = reward
         self.scorer = build_scorer(reward, settings)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self._loop = BackgroundLoop(f"reward-local-{reward}")
+        self._one_at_a_time = self._loop.run(_make_lock())
 
-    def _score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardResult:
-        outputs = self.scorer.score(list(images), prompts, metadata)
+    async def _score(
+        self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> RewardResult:
+        async with self._one_at_a_time:
+            outputs = await self.scorer.ascore(list(images), prompts, metadata)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"scorer {self.reward!r} returned {len(outputs)} results for {len(prompts)}")
         rewards = np.array([o.reward for o in outputs], dtype=np.float64)
@@ -50,11 +57,15 @@ class LocalRewardClient(RewardClient):
     ) -> Future[RewardResult]:
         check_images(images, prompts)
         meta = list(metadata) if metadata is not None else [{} for _ in prompts]
-        return self._pool.submit(self._score, images.copy(), list(prompts), meta)
+        return self._loop.submit(self._score(images.copy(), list(prompts), meta))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.scorer.close()  # e.g. a VLM scorer's HTTP pool and event loop
+        """Finish, then release the scorer's resources (a VLM scorer's HTTP pool) on its loop."""
+        self._loop.stop(cleanup=self.scorer.aclose())
+
+
+async def _make_lock() -> asyncio.Lock:
+    return asyncio.Lock()  # made on the loop that uses it
 
 
 def local_client_from_config(cfg: Any) -> LocalRewardClient:

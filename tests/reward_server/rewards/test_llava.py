@@ -6,6 +6,7 @@ local folder (nothing is downloaded).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +50,13 @@ def vlm(url: str) -> OpenAIChatBackend:
     return OpenAIChatBackend(url, "tiny-llava", max_retries=0, timeout_s=10)
 
 
+LOOP = asyncio.new_event_loop()  # one loop for the module, as a caller of the async-only scorers keeps
+
+
+def score(scorer, images, prompts, metadata):
+    return LOOP.run_until_complete(scorer.ascore(images, prompts, metadata))
+
+
 def test_bertscore_reward_matches_bert_score_called_directly(standin, bertscore):
     from bert_score import score as bert_score
 
@@ -56,7 +64,7 @@ def test_bertscore_reward_matches_bert_score_called_directly(standin, bertscore)
     scorer = LlavaBertScore(vlm(url), bertscore)
     imgs = [solid(RED), solid(BLUE), solid(GREEN)]
     prompts = ["a red square", "a cat riding a bike", "green"]
-    outputs = scorer.score(imgs, prompts, [{}, {}, {}])
+    outputs = score(scorer, imgs, prompts, [{}, {}, {}])
     answers = [describe(i) for i in imgs]
     refs = [f"The image contains {p}" for p in prompts]
     p, r, f = bert_score(answers, refs, model_type=MINILM, num_layers=MINILM_LAYERS, device="cpu")
@@ -79,7 +87,7 @@ def test_bertscore_reward_matches_bert_score_called_directly(standin, bertscore)
 def test_metric_and_template_are_configurable(standin, bertscore, metric):
     _, url = standin
     scorer = LlavaBertScore(vlm(url), bertscore, reference_template="A photo of {prompt}.", metric=metric)
-    [out] = scorer.score([solid(RED)], ["a red square"], [{}])
+    [out] = score(scorer, [solid(RED)], ["a red square"], [{}])
     assert out.details["reference"] == "A photo of a red square."
     assert out.reward == out.details[metric]
 
@@ -87,7 +95,7 @@ def test_metric_and_template_are_configurable(standin, bertscore, metric):
 def test_question_is_sent_to_the_vlm(standin, bertscore):
     state, url = standin
     scorer = LlavaBertScore(vlm(url), bertscore, question="describe it")
-    scorer.score([solid(RED)], ["x"], [{}])
+    score(scorer, [solid(RED)], ["x"], [{}])
     assert state.questions[-1] == "describe it"
 
 
@@ -111,7 +119,7 @@ def test_vlm_failure_is_an_error_not_a_zero(standin, bertscore):
     state.fail_with = [400]
     scorer = LlavaBertScore(vlm(url), bertscore)
     with pytest.raises(VLMError, match="HTTP 400"):
-        scorer.score([solid(RED)], ["x"], [{}])
+        score(scorer, [solid(RED)], ["x"], [{}])
 
 
 def test_strict_fraction_of_expected_answers_found(standin):
@@ -122,7 +130,7 @@ def test_strict_fraction_of_expected_answers_found(standin):
         {"questions": ["what colour is it?", "what shape?"], "answers": ["red", "square"]},
         {"questions": ["what colour?", "shape?", "texture?"], "answers": ["green", "squar", "plain"]},
     ]
-    outputs = scorer.score([solid(RED), solid(BLUE), solid(GREEN)], ["a", "b", "c"], metadata)
+    outputs = score(scorer, [solid(RED), solid(BLUE), solid(GREEN)], ["a", "b", "c"], metadata)
     assert [o.reward for o in outputs] == [1.0, 0.5, pytest.approx(2 / 3)]
     assert outputs[2].details["matched"] == [True, False, True]  # whole words: "squar" is not "square"
     assert outputs[1].details["replies"] == [describe(solid(BLUE))] * 2
@@ -239,7 +247,7 @@ def test_caption_correct_is_in_every_sample_details(standin, bertscore):
     imgs = [solid(RED), solid(BLUE)]
     # The stand-in answers "The picture is mostly red, a plain red square."
     prompts = ["a plain red square", "a plain red square"]
-    outputs = scorer.score(imgs, prompts, [{}, {}])
+    outputs = score(scorer, imgs, prompts, [{}, {}])
     assert [o.details["caption_correct"] for o in outputs] == [True, False]
     for out, prompt in zip(outputs, prompts, strict=True):
         assert out.details["caption_correct"] is words_in_order(prompt, out.details["answer"])
@@ -298,16 +306,18 @@ def test_captioner_alignment_reward_over_http(start_reward_server, captioner_fol
     assert [d["reference"] for d in details] == [f"The image contains {prompt}"] * 2
 
 
-def test_blocking_score_reuses_one_event_loop_and_one_vlm_client(standin):
-    """The in-process path: no asyncio.run per call (a new loop, and a new HTTP pool, every batch)."""
+def test_the_in_process_transport_scores_on_one_loop_with_one_vlm_client(standin):
+    """Scorers are async-only: the trainer's in-process transport drives ``ascore`` on the one loop
+    it keeps (no loop, and so no new HTTP pool, per batch) and closes the VLM client there."""
+    from trainer.transports.local import LocalRewardClient
+
     _, url = standin
-    scorer = LlavaStrict(vlm(url))
+    client = LocalRewardClient("llava_strict", {"vlm_base_url": url, "vlm_model": "tiny-llava"})
     metadata = [{"questions": ["what colour is it?"], "answers": ["red"]}]
-    client = scorer.vlm._client
+    images = np.stack([solid(RED)])
     for _ in range(3):
-        [out] = scorer.score([solid(RED)], ["a"], metadata)
-        assert out.reward == 1.0
-    loop = scorer._blocking_loop
-    assert loop is not None and scorer.vlm._loop is loop and scorer.vlm._client is client
-    scorer.close()
-    assert loop.is_closed() and client.is_closed
+        assert client.submit(images, ["a"], metadata).result(30).rewards.tolist() == [1.0]
+    http = client.scorer.vlm._client
+    assert client.scorer.vlm._loop is client._loop.loop
+    client.close()
+    assert http.is_closed and client._loop.loop.is_closed()
