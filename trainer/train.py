@@ -105,6 +105,14 @@ class SampledEpoch:
     policy_epoch: int  # updates applied to the policy that sampled them (staleness = epoch - this)
 
 
+def kept_rows(futures: list[Future[RewardResult]], batch_size: int) -> torch.Tensor:
+    """The sample rows of the sampling batches whose reward came (the futures are done)."""
+    kept = [b for b, future in enumerate(futures) if future.exception() is None]
+    return torch.tensor(
+        [i for b in kept for i in range(b * batch_size, (b + 1) * batch_size)], dtype=torch.long
+    )
+
+
 @dataclasses.dataclass
 class UpdateBatch:
     """What every minibatch of one update reads: this rank's samples and their training signal."""
@@ -282,7 +290,7 @@ class Trainer:
             proximal = self._log_probs_now(current.samples)
         samples, results, num_dropped = self.gather_rewards(current.samples, current.futures)
         if proximal is not None and num_dropped:
-            proximal = proximal[self._kept_rows(current.futures)]
+            proximal = proximal[kept_rows(current.futures, self.cfg.sample.batch_size)]
         t_rewarded = time.perf_counter()
         local_rewards = np.concatenate([r.rewards for r in results])
         # Every rank sees the global batch (global sample order), so the stat trackers agree.
@@ -454,7 +462,6 @@ class Trainer:
         """
         batch = self.cfg.sample.batch_size
         results: list[RewardResult] = []
-        keep: list[int] = []
         errors: list[str] = []
         for b, future in enumerate(futures):
             try:
@@ -464,25 +471,12 @@ class Trainer:
                     raise
                 errors.append(str(err))
                 log.warning("dropping sampling batch %d (%d samples) from the update: %s", b, batch, err)
-                continue
-            keep.extend(range(b * batch, (b + 1) * batch))
         if not errors:
             return samples, results, 0
-        if not keep:
+        keep = kept_rows(futures, batch)
+        if not len(keep):
             raise RewardError(f"no batch of this epoch got its reward; first error: {errors[0]}")
-        return samples.select(torch.tensor(keep)), results, len(samples) - len(keep)
-
-    def _kept_rows(self, futures: list[Future[RewardResult]]) -> torch.Tensor:
-        """The sample rows ``gather_rewards`` kept: those of the batches whose reward came."""
-        batch = self.cfg.sample.batch_size
-        return torch.tensor(
-            [
-                i
-                for b, f in enumerate(futures)
-                if f.exception() is None
-                for i in range(b * batch, (b + 1) * batch)
-            ]
-        )
+        return samples.select(keep), results, len(samples) - len(keep)
 
     # -- 4. update ---------------------------------------------------------------------------
     def update(
