@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from reward_server.budget import BODY_BYTES_FACTOR, Reservation
-from reward_server.errors import ApiError
+from reward_server.errors import ApiError, error_response
 from reward_server.idempotency import binary_digest
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
@@ -77,10 +77,6 @@ FAVICON_URL = f"{SWAGGER_UI_CDN}/favicon-32x32.png"
 
 # Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
 CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
-
-
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
 async def read_body(

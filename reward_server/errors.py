@@ -2,9 +2,13 @@
 
 Codes and statuses come from the one table in shared/errors.py; an ``ApiError`` with a code that
 is not declared there, or with a status its code is not answered with, is a bug caught at once.
+``error_response()`` is the one way an ``ApiError`` becomes a JSON response (the app's handlers and
+middleware, and reward_server/timeouts.py below the app).
 """
 
 from __future__ import annotations
+
+from starlette.responses import JSONResponse
 
 from shared.errors import check_code, is_retryable_status
 from shared.schemas import ErrorResponse
@@ -36,6 +40,11 @@ class ApiError(Exception):
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=self.error, reason=self.reason, request_id=self.request_id)
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    """``err`` as its JSON ``ErrorResponse`` body, with its status and headers."""
+    return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
 class QueueFullError(Exception):

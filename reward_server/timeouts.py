@@ -32,17 +32,17 @@ import http
 from typing import Any
 
 import h11
-from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from reward_server.errors import ApiError
+from reward_server.errors import ApiError, error_response
 from reward_server.settings import ServerSettings
 
 
 def raw_error(err: ApiError) -> bytes:
     """A whole HTTP/1.1 response for ``err`` that closes the connection: written on the transport
-    directly where no request cycle exists to answer it (the head never completed)."""
-    body = err.body().model_dump_json().encode()
+    directly where no request cycle exists to answer it (the head never completed). The body is
+    ``error_response()``'s, byte for byte."""
+    body = error_response(err).body
     head = (
         f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -148,7 +148,7 @@ class TimeoutH11Protocol(H11Protocol):
             reason = f"over limit_concurrency ({limit} connections or requests at once); retry"
             headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
             err = ApiError(503, "http_error", reason, headers)
-            await JSONResponse(err.body().model_dump(), err.status, err.headers)(scope, receive, send)
+            await error_response(err)(scope, receive, send)
             return
         await self.config.loaded_app(scope, receive, send)
 
