@@ -26,11 +26,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, CliSettingsSource
+from pydantic_settings import CliSettingsSource
 
 from reward_server.rewards import import_extra_rewards
 from reward_server.settings import ServerSettings, describe_settings_error
-from shared.cli import ArgumentParser, CommandLineError, add_settings_flags, given_settings, read_config_file
+from shared.cli import (
+    ArgumentParser,
+    CommandLineError,
+    add_config_flag,
+    add_settings_flags,
+    config_then_flags,
+)
 
 DESCRIPTION = """\
 Serve DDPO rewards over HTTP. Every setting is a flag and a variable: --max-batch-size is
@@ -39,14 +45,11 @@ JSON), which overrides the environment, which overrides the defaults. Secrets: p
 (DDPO_REWARD_API_KEY, DDPO_REWARD_VLM_API_KEY), command lines are visible in `ps`."""
 
 
-def add_config_flag(parser: Any) -> None:
-    """``--config FILE`` on a parser or an argument group."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or JSON file of settings (field names as keys, e.g. max_batch_size: 64); "
-        "flags override it, it overrides the environment.",
-    )
+# --config FILE of ddpo-reward-server and ddpo-reward-worker.
+CONFIG_HELP = (
+    "YAML or JSON file of settings (field names as keys, e.g. max_batch_size: 64); "
+    "flags override it, it overrides the environment."
+)
 
 
 def add_extra_rewards_flag(parser: Any) -> None:
@@ -63,7 +66,7 @@ def add_extra_rewards_flag(parser: Any) -> None:
 def add_process_flags(parser: argparse.ArgumentParser) -> None:
     """The flags about the server process itself (not ``ServerSettings`` fields)."""
     group = parser.add_argument_group("process (not settings)")
-    add_config_flag(group)
+    add_config_flag(group, CONFIG_HELP)
     add_extra_rewards_flag(group)
     group.add_argument(
         "--parent-pid",
@@ -89,26 +92,11 @@ def build_parser() -> ArgumentParser:
     return _command_line()[0]
 
 
-def settings_values(
-    namespace: argparse.Namespace, sources: Sequence[tuple[CliSettingsSource[Any], type[BaseSettings]]]
-) -> list[dict[str, Any]]:
-    """Per settings class, the values given by ``--config FILE`` and by flags (flags win)."""
-    from_file = read_config_file(namespace.config) if namespace.config else {}
-    values = []
-    for source, settings_cls in sources:
-        mine = {k: v for k, v in from_file.items() if k in settings_cls.model_fields}
-        values.append({**mine, **given_settings(source, namespace)})
-    unknown = sorted(set(from_file) - {k for _, cls in sources for k in cls.model_fields})
-    if unknown:
-        raise CommandLineError(f"config file {namespace.config}: unknown settings {unknown}")
-    return values
-
-
 def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """(process flags, the settings given by flags or ``--config``), nothing validated yet."""
     parser, source = _command_line()
     namespace = parser.parse_args(argv)
-    return namespace, settings_values(namespace, [(source, ServerSettings)])[0]
+    return namespace, config_then_flags(namespace, [source])[0]
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> tuple[ServerSettings, dict[str, Any]]:

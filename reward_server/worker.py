@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,7 +42,13 @@ from reward_server.rewards import import_extra_rewards  # plugins: one loader, t
 from reward_server.service import THREAD_PARSE_BYTES, RewardService
 from reward_server.settings import ScoringSettings, describe_settings_error
 from shared.binary import BinaryScoreRequest
-from shared.cli import ArgumentParser, CommandLineError, add_settings_flags
+from shared.cli import (
+    ArgumentParser,
+    CommandLineError,
+    add_config_flag,
+    add_settings_flags,
+    config_then_flags,
+)
 from shared.errors import parse_retry_after
 from shared.redis_streams import (
     DEFAULT_GROUP,
@@ -528,9 +534,9 @@ def _salvage_ids(raw: bytes) -> tuple[str | None, str | None]:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _command_line() -> tuple[argparse.ArgumentParser, list[tuple[Any, type[BaseSettings]]]]:
+def _command_line() -> tuple[argparse.ArgumentParser, list[CliSettingsSource[Any]]]:
     """The worker's flags only: its own settings, the scoring settings and two process flags."""
-    from reward_server.cli import add_config_flag, add_extra_rewards_flag
+    from reward_server.cli import CONFIG_HELP, add_extra_rewards_flag
 
     parser = ArgumentParser(
         prog="ddpo-reward-worker",
@@ -541,11 +547,11 @@ def _command_line() -> tuple[argparse.ArgumentParser, list[tuple[Any, type[BaseS
         "the environment, which overrides the defaults.",
     )
     process = parser.add_argument_group("process (not settings)")
-    add_config_flag(process)
+    add_config_flag(process, CONFIG_HELP)
     add_extra_rewards_flag(process)
     sources = [
-        (add_settings_flags(parser, WorkerSettings, group="worker"), WorkerSettings),
-        (add_settings_flags(parser, ScoringSettings, group="scoring"), ScoringSettings),
+        add_settings_flags(parser, WorkerSettings, group="worker"),
+        add_settings_flags(parser, ScoringSettings, group="scoring"),
     ]
     return parser, sources
 
@@ -556,14 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None) -> tuple[WorkerSettings, ScoringSettings]:
     """Flags > ``--config FILE`` > environment > defaults, validated (``ValidationError`` names the field)."""
-    from reward_server.cli import settings_values
-
     parser, sources = _command_line()
     namespace = parser.parse_args(argv)
     # Extra rewards must be registered before ScoringSettings checks the reward names.
     env_modules = [m for m in os.environ.get("DDPO_WORKER_EXTRA_REWARDS_MODULES", "").split(",") if m]
     import_extra_rewards(env_modules + namespace.extra_rewards_module)
-    worker, scoring = settings_values(namespace, sources)
+    worker, scoring = config_then_flags(namespace, sources)
     return WorkerSettings(**worker), ScoringSettings(**scoring)
 
 

@@ -11,6 +11,9 @@ validates once, so a bad value is a pydantic error that names the field.
 
 Options that are not settings (``--config``, ``--preset``, ``--print-config``, a plugin to import)
 are plain argparse arguments on the same parser, so ``--help`` lists everything in one place.
+``--config FILE`` is the same option in every program (``add_config_flag()``), and "the file, then
+the flags" is one layering (``config_then_flags()``); what that overrides in turn (a preset, the
+environment) is each program's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +132,47 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CommandLineError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return data
+
+
+def add_config_flag(parser: Any, help: str) -> None:
+    """``--config FILE`` (``namespace.config``) on a parser or an argument group; ``help`` says
+    what the file overrides and what overrides it. Read it with ``config_then_flags()``."""
+    parser.add_argument("--config", metavar="FILE", help=help)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top, dicts merged key by key (at every depth), anything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_then_flags(
+    namespace: argparse.Namespace, sources: Sequence[CliSettingsSource[Any]], *, sections: bool = False
+) -> list[dict[str, Any]]:
+    """Per source of ``sources`` (``add_settings_flags()``'s, one per settings class): the values of
+    ``--config FILE`` (none without one) overridden by those its flags gave, not yet validated.
+
+    Flat settings (the default): each key of the file goes to the class that has that field, a key
+    no class has is a ``CommandLineError`` naming the file, and a flag replaces the file's value
+    whole (a dict setting is not merged). ``sections`` (one class whose fields are sections,
+    ``--section.field``): file and flags are merged with ``deep_merge()``, field by field, and the
+    file's keys are left to validation, which names an unknown one with its section.
+    """
+    from_file = read_config_file(namespace.config) if namespace.config else {}
+    if sections:
+        (source,) = sources
+        return [deep_merge(from_file, given_settings(source, namespace))]
+    fields = [source.settings_cls.model_fields for source in sources]
+    values = []
+    for source, known in zip(sources, fields, strict=True):
+        mine = {k: v for k, v in from_file.items() if k in known}
+        values.append({**mine, **given_settings(source, namespace)})
+    unknown = sorted(set(from_file).difference(*fields))
+    if unknown:
+        raise CommandLineError(f"config file {namespace.config}: unknown settings {unknown}")
+    return values

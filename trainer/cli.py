@@ -19,16 +19,8 @@ from typing import Any
 
 from pydantic_settings import CliSettingsSource
 
-from shared.cli import ArgumentParser, CommandLineError, given_settings
-from trainer.config import (
-    PRESETS,
-    Config,
-    ConfigError,
-    add_config_flags,
-    build_config,
-    deep_merge,
-    load_config_file,
-)
+from shared.cli import ArgumentParser, CommandLineError, add_config_flag, config_then_flags, deep_merge
+from trainer.config import PRESETS, Config, ConfigError, add_config_flags, build_config, load_config_file
 
 USAGE = """ddpo-train [--preset NAME] [--config FILE] [--section.field VALUE ...] [--print-config]
 
@@ -48,10 +40,8 @@ def build_parser() -> tuple[ArgumentParser, CliSettingsSource[Any]]:
     """The whole command line, and the source that reads the ``--section.field`` values back."""
     parser = ArgumentParser(prog="ddpo-train", usage=USAGE, epilog=f"presets: {', '.join(sorted(PRESETS))}")
     parser.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME", help="start from this preset")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or JSON config file (sections as keys) applied on top of the preset; flags override it",
+    add_config_flag(
+        parser, "YAML or JSON config file (sections as keys) applied on top of the preset; flags override it"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser, add_config_flags(parser)
@@ -62,8 +52,7 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespac
     parser, source = build_parser()
     try:
         args = parser.parse_args(argv)
-        from_file = load_config_file(args.config) if args.config else {}
-        overrides = deep_merge(from_file, given_settings(source, args))
+        (overrides,) = config_then_flags(args, [source], sections=True)
     except CommandLineError as err:
         raise ConfigError(str(err)) from None
     resume = overrides.get("run", {}).get("resume")

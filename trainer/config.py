@@ -24,7 +24,14 @@ from pydantic import (
 from pydantic_settings import BaseSettings, CliSettingsSource
 
 from shared import redis_streams
-from shared.cli import ArgumentParser, CommandLineError, add_settings_flags, given_settings, read_config_file
+from shared.cli import (
+    ArgumentParser,
+    CommandLineError,
+    add_settings_flags,
+    deep_merge,
+    given_settings,
+    read_config_file,
+)
 
 
 class _Section(BaseModel):
@@ -753,16 +760,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """A bad configuration: the message names every offending field."""
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from shared.cli import deep_merge
 from trainer.checkpoint import save_lora
-from trainer.config import ConfigError, build_config, deep_merge
+from trainer.config import ConfigError, build_config
 from trainer.families import FAMILIES, get_family, pack_conditioning, unpack_conditioning
 from trainer.policy import DiffusionPolicy, resolve_pretrained
 from trainer.sampling import sample_generators, sample_trajectories
