@@ -49,6 +49,7 @@ ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, kind, data and CRC (test_idempotency.py inserts these too)."""
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 

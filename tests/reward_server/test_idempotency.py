@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import uuid
-import zlib
 
 import httpx
 import numpy as np
@@ -23,6 +21,7 @@ from PIL import Image
 
 from reward_server.idempotency import fingerprint
 from shared.schemas import ScoreRequest
+from tests.reward_server.fuzz_helpers import chunk
 from tests.reward_server.server_utils import start_reward_server_thread
 
 IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -34,10 +33,6 @@ def png(pixels: np.ndarray) -> bytes:
         buffer, "PNG", compress_level=0
     )  # stored blocks: length depends on size only
     return buffer.getvalue()
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def with_chunk(data: bytes, extra: bytes, where: str) -> bytes:
