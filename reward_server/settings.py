@@ -31,6 +31,18 @@ class BatchingOverride(BaseModel):
     max_concurrent_batches: int | None = Field(default=None, ge=1, description="Scorer batches run at once.")
 
 
+def check_api_key(key: str | None, min_length: int = 1) -> str | None:
+    """A bearer-token setting (``api_key``, ``vlm_api_key``): unset, or at least ``min_length``
+    characters besides surrounding spaces (blank is refused: leave it unset instead)."""
+    if key is None:
+        return None
+    if not key.strip():
+        raise ValueError("an API key must not be empty (leave it unset instead)")
+    if len(key.strip()) < min_length:
+        raise ValueError(f"api_key must have at least {min_length} characters (e.g. `openssl rand -hex 16`)")
+    return key
+
+
 def is_loopback_host(host: str) -> bool:
     """True for addresses only this machine can reach (127.0.0.0/8, ::1, 'localhost')."""
     if host.lower() == "localhost":
@@ -104,13 +116,7 @@ class HttpSettings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _long_enough_key(cls, key: str | None) -> str | None:
-        if key is not None and not key.strip():
-            raise ValueError("an API key must not be empty (leave it unset instead)")
-        if key is not None and len(key.strip()) < MIN_API_KEY_LENGTH:
-            raise ValueError(
-                f"api_key must have at least {MIN_API_KEY_LENGTH} characters (e.g. `openssl rand -hex 16`)"
-            )
-        return key
+        return check_api_key(key, MIN_API_KEY_LENGTH)
 
 
 class ScoringSettings(BaseSettings):
@@ -312,9 +318,7 @@ class ScoringSettings(BaseSettings):
     @field_validator("vlm_api_key")
     @classmethod
     def _non_empty_key(cls, key: str | None) -> str | None:
-        if key is not None and not key.strip():
-            raise ValueError("an API key must not be empty (leave it unset instead)")
-        return key
+        return check_api_key(key)
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoringSettings:
