@@ -388,7 +388,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             metrics.latency.labels(label).observe(time.perf_counter() - started)
 
     @app.get("/rewards", response_model=RewardList, responses={401: ERROR_RESPONSES[401]})
-    async def rewards(request: Request) -> RewardList:
+    async def rewards() -> RewardList:
         """The reward names this server computes (enabled at start-up)."""
         return RewardList(rewards=service.reward_names)
 
@@ -414,7 +414,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return {"status": "ready", "rewards": service.reward_names}
 
     @app.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]})
-    async def prometheus(request: Request) -> Response:
+    async def prometheus() -> Response:
         """Prometheus metrics of this worker process."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

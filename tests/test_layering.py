@@ -185,7 +185,7 @@ def test_the_old_names_still_import_from_reward_client() -> None:
     from trainer import reward_api, reward_client
     from trainer.transports.local import LocalRewardClient
 
-    for name in ("RewardClient", "RewardResult", "check_images", "new_request_id"):
+    for name in ("RewardClient", "RewardResult"):
         assert getattr(reward_client, name) is getattr(reward_api, name)
     assert reward_client.LocalRewardClient is LocalRewardClient
     assert set(reward_client.REWARD_TRANSPORTS) == {"local", "http", "redis"}

@@ -835,10 +835,3 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return read_config_file(path)
     except CommandLineError as err:
         raise ConfigError(str(err)) from None
-
-
-def describe_fields() -> str:
-    """Every field's flag with type, default and description: the body of ``ddpo-train --help``."""
-    parser = ArgumentParser(prog="ddpo-train", add_help=False)
-    add_config_flags(parser)
-    return parser.format_help()

@@ -5,7 +5,8 @@ futures only when the epoch's update needs them. Transports (in-process, HTTP, R
 registered by name in ``REWARD_TRANSPORTS``; remote ones import httpx/redis only when chosen.
 
 Imports point one way: this factory -> ``trainer.transports.*`` -> ``trainer.reward_api`` (the
-interface). The interface names are re-exported here for code that imports them from this module.
+interface). ``RewardClient``, ``RewardResult`` (the interface) and ``LocalRewardClient`` are
+re-exported here for code that imports them from this module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from trainer.reward_api import RewardClient, RewardResult, check_images, new_request_id
+from trainer.reward_api import RewardClient, RewardResult
 from trainer.transports.local import LocalRewardClient, local_client_from_config
 
 __all__ = [
@@ -21,9 +22,7 @@ __all__ = [
     "LocalRewardClient",
     "RewardClient",
     "RewardResult",
-    "check_images",
     "make_reward_client",
-    "new_request_id",
 ]
 
 
