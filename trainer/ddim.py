@@ -26,6 +26,36 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
 
+def per_sample_timesteps(timestep: float | torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``timestep`` (one for the batch, or one per sample) as a (batch,) tensor of ``dtype`` on the CPU."""
+    t = torch.as_tensor(timestep).detach().to("cpu", dtype).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch_size)
+    elif t.numel() != batch_size:
+        raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch_size}")
+    return t
+
+
+def gaussian_step(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    out_dtype: torch.dtype,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw from N(mean, std^2 I) in fp32 (or ``prev_sample``), rounded to ``out_dtype``, and the
+    log-prob of exactly that rounded value (what is returned and stored), a mean over non-batch
+    dims, shape (batch,). Every step's policy (DDIM here, the flow SDE in trainer/flow_sde.py)."""
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        prev = mean + std * noise
+    else:
+        prev = prev_sample
+    prev = prev.to(out_dtype).to(torch.float32)
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return prev.to(out_dtype), log_prob.mean(dim=tuple(range(1, mean.ndim)))
+
+
 def step_alphas(
     scheduler: DDIMScheduler, timestep: int | torch.Tensor, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +65,7 @@ def step_alphas(
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(batch_size)
-    elif t.numel() != batch_size:
-        raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch_size}")
+    t = per_sample_timesteps(timestep, batch_size, torch.long)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     # On the CPU: diffusers' add_noise/get_velocity move scheduler.alphas_cumprod to the samples' device.
     alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float32)
@@ -149,15 +175,4 @@ def ddim_step_with_logprob(
     (one generator, or one per sample for per-sample noise streams).
     """
     mean, std_b = ddim_transition(scheduler, model_output, timestep, sample, eta)
-    if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        prev = mean + std_b * noise
-    else:
-        prev = prev_sample
-    # The log-prob of exactly what is returned (and stored), after rounding to the sample dtype.
-    out_dtype = sample.dtype
-    prev = prev.to(out_dtype).to(torch.float32)
-
-    log_prob = -((prev.detach() - mean) ** 2) / (2 * std_b**2) - torch.log(std_b) - _LOG_SQRT_2PI
-    log_prob = log_prob.mean(dim=tuple(range(1, mean.ndim)))
-    return prev.to(out_dtype), log_prob
+    return gaussian_step(mean, std_b, sample.dtype, prev_sample, generator)

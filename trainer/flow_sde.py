@@ -16,14 +16,9 @@ the model dtype (bf16 log-densities overflow).
 
 from __future__ import annotations
 
-import math
-
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from trainer.ddim import _per_sample
-
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+from trainer.ddim import _per_sample, gaussian_step, per_sample_timesteps
 
 
 def step_sigmas(
@@ -36,11 +31,7 @@ def step_sigmas(
     """
     if scheduler.num_inference_steps is None or getattr(scheduler, "sigmas", None) is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    t = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(batch_size)
-    elif t.numel() != batch_size:
-        raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch_size}")
+    t = per_sample_timesteps(timestep, batch_size, torch.float32)
     schedule = scheduler.timesteps.detach().to("cpu", torch.float32)
     distance = (t.unsqueeze(1) - schedule.unsqueeze(0)).abs()
     gap, index = distance.min(dim=1)
@@ -120,13 +111,4 @@ def sde_step_with_logprob(
         prev = flow_step_deterministic(scheduler, model_output, timestep, sample)
         return prev, torch.full((sample.shape[0],), float("nan"), device=sample.device)
     mean, std = flow_transition(scheduler, model_output, timestep, sample, noise_level)
-    if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        prev = mean + std * noise
-    else:
-        prev = prev_sample
-    # The log-prob of exactly what is returned (and stored), after rounding to the sample dtype.
-    out_dtype = sample.dtype
-    prev = prev.to(out_dtype).to(torch.float32)
-    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return prev.to(out_dtype), log_prob.mean(dim=tuple(range(1, mean.ndim)))
+    return gaussian_step(mean, std, sample.dtype, prev_sample, generator)
