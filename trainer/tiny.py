@@ -106,40 +106,55 @@ def sd_v1_ddim_scheduler():
     )
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
-    """Build (in memory) a tiny StableDiffusionPipeline with seeded random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text_encoder(vocab: dict[str, int], hidden: int, seed: int, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder over ``vocab`` (``build_word_tokenizer``'s), seeded random weights;
+    with ``projection_dim``, the ``CLIPTextModelWithProjection`` (pooled output) of SDXL/SD3."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.prompts import all_prompt_words
-
-    tokenizer, vocab = build_word_tokenizer(all_prompt_words(), model_max_length=77)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **({"projection_dim": projection_dim} if projection_dim else {}),
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def tiny_vae(seed: int, sample_size: int, latent_channels: int = 4, **extra):
+    """A 3-level ``AutoencoderKL`` (8x down), seeded random weights; ``extra``: more of its arguments."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=sample_size,
+        **extra,
     )
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 64):
+    """Build (in memory) a tiny StableDiffusionPipeline with seeded random weights."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.prompts import all_prompt_words
+
+    tokenizer, vocab = build_word_tokenizer(all_prompt_words(), model_max_length=77)
+    text_encoder = tiny_clip_text_encoder(vocab, 32, seed)
+    vae = tiny_vae(seed + 1, sample_size)
     latent_size = sample_size // 4
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(

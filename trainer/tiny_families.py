@@ -17,47 +17,10 @@ import sys
 
 import torch
 
-from trainer.tiny import build_word_tokenizer, ensure_built
+from trainer.tiny import build_word_tokenizer, ensure_built, tiny_clip_text_encoder, tiny_vae
 
 TINY_SDXL_NAME, TINY_SDXL_VERSION = "tiny-sdxl", "tiny-sdxl-v1"
 TINY_SD3_NAME, TINY_SD3_VERSION = "tiny-sd3", "tiny-sd3-v1"
-
-
-def _clip(vocab: dict[str, int], hidden: int, seed: int, projection_dim: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **({"projection_dim": projection_dim} if projection_dim else {}),
-    )
-    torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
-
-
-def _vae(seed: int, sample_size: int, latent_channels: int = 4, **extra):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=sample_size,
-        **extra,
-    )
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 64):
@@ -68,9 +31,9 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 64):
     words = all_prompt_words()
     tokenizer, vocab = build_word_tokenizer(words, model_max_length=77)
     tokenizer_2, vocab_2 = build_word_tokenizer(words, model_max_length=77)
-    text_encoder = _clip(vocab, 32, seed)
-    text_encoder_2 = _clip(vocab_2, 32, seed + 1, projection_dim=32)
-    vae = _vae(seed + 2, sample_size)
+    text_encoder = tiny_clip_text_encoder(vocab, 32, seed)
+    text_encoder_2 = tiny_clip_text_encoder(vocab_2, 32, seed + 1, projection_dim=32)
+    vae = tiny_vae(seed + 2, sample_size)
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(
         sample_size=sample_size // 4,
@@ -131,8 +94,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 64):
     tokenizer, vocab = build_word_tokenizer(words, model_max_length=77)
     tokenizer_2, vocab_2 = build_word_tokenizer(words, model_max_length=77)
     tokenizer_3 = build_t5_tokenizer(words)
-    text_encoder = _clip(vocab, 32, seed, projection_dim=32)
-    text_encoder_2 = _clip(vocab_2, 32, seed + 1, projection_dim=32)
+    text_encoder = tiny_clip_text_encoder(vocab, 32, seed, projection_dim=32)
+    text_encoder_2 = tiny_clip_text_encoder(vocab_2, 32, seed + 1, projection_dim=32)
     torch.manual_seed(seed + 2)
     text_encoder_3 = T5EncoderModel(
         T5Config(
@@ -147,7 +110,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 64):
             eos_token_id=tokenizer_3.eos_token_id,
         )
     )
-    vae = _vae(seed + 3, sample_size, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+    vae = tiny_vae(seed + 3, sample_size, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
                use_post_quant_conv=False)  # fmt: skip
     torch.manual_seed(seed + 4)
     transformer = SD3Transformer2DModel(
