@@ -17,13 +17,12 @@ import base64
 import binascii
 import io
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from shared.codec import ImageDecodeError, ImageTooLargeError
+from shared.codec import ImageDecodeError, ImageTooLargeError, b64decode_image, png_decoding
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HEADER_B64_CHARS = 44  # 33 bytes: signature (8) + IHDR length/type (8) + IHDR data (13) + CRC (4)
@@ -73,31 +72,15 @@ def decode_rgb_png_b64(data: str, max_pixels: int) -> np.ndarray:
     header = png_header_b64(data)  # PngHeaderError is an ImageDecodeError
     if header.pixels > max_pixels:
         raise ImageTooLargeError(_too_large(header, max_pixels))
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageDecodeError(f"not valid base64: {err}") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
-                if img.size != (header.width, header.height) or img.mode != "RGB":
-                    raise ImageDecodeError(f"expected an RGB image, got mode {img.mode}")
-                if "transparency" in img.info:  # a tRNS chunk (before the pixels: read by open)
-                    raise ImageDecodeError(f"expected an opaque PNG, got a tRNS chunk: {CONVERT_HINT}")
-                img.load()
-                del raw
-                return np.asarray(img, dtype=np.uint8)
-    except ImageDecodeError:
-        raise
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as e:
-        raise ImageDecodeError(f"not a decodable PNG: {e}") from None
+    raw = b64decode_image(data)
+    with png_decoding(), Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
+        if img.size != (header.width, header.height) or img.mode != "RGB":
+            raise ImageDecodeError(f"expected an RGB image, got mode {img.mode}")
+        if "transparency" in img.info:  # a tRNS chunk (before the pixels: read by open)
+            raise ImageDecodeError(f"expected an opaque PNG, got a tRNS chunk: {CONVERT_HINT}")
+        img.load()
+        del raw
+        return np.asarray(img, dtype=np.uint8)
 
 
 def _too_large(header: PngHeader, max_pixels: int) -> str:

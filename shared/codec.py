@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,24 +37,36 @@ def encode_png_b64(image: np.ndarray) -> str:
 
 def decode_png_b64(data: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode base64 PNG text into an HxWx3 uint8 array, or raise ImageDecodeError with a reason."""
+    raw = b64decode_image(data)
+    with png_decoding(), Image.open(io.BytesIO(raw)) as img:
+        if img.format != "PNG":
+            raise ImageDecodeError(f"expected a PNG image, got {img.format}")
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+            )
+        if img.mode != "RGB":
+            raise ImageDecodeError(f"expected an RGB image, got mode {img.mode}")
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def b64decode_image(data: str) -> bytes:
+    """The bytes of a base64 image, or ImageDecodeError if ``data`` is not strict base64."""
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ImageDecodeError(f"not valid base64: {err}") from None
+
+
+@contextlib.contextmanager
+def png_decoding() -> Iterator[None]:
+    """Around PIL opening and decoding an image: a decompression bomb, or anything PIL cannot
+    decode, is an ImageDecodeError ("not a decodable PNG"); ImageDecodeErrors raised inside pass."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as img:
-                if img.format != "PNG":
-                    raise ImageDecodeError(f"expected a PNG image, got {img.format}")
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageTooLargeError(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-                    )
-                if img.mode != "RGB":
-                    raise ImageDecodeError(f"expected an RGB image, got mode {img.mode}")
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            yield
     except ImageDecodeError:
         raise
     except (
@@ -63,4 +77,3 @@ def decode_png_b64(data: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         Image.DecompressionBombWarning,
     ) as err:
         raise ImageDecodeError(f"not a decodable PNG: {err}") from None
-    return array
