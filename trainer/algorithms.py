@@ -79,6 +79,21 @@ class Algorithm:
         raise NotImplementedError
 
 
+def clipped_loss(
+    step: TrainedStep, c: TrainConfig, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, LossInfo]:
+    """``trainer.losses.ppo_clip_loss`` of ``step`` under ``c`` (DDPO-IS, GRPO); ``keep``: see there."""
+    return ppo_clip_loss(
+        step.advantages,
+        step.log_prob,
+        step.old_log_prob,
+        c.clip_range,
+        c.adv_clip_max,
+        step.behavior_weights,
+        keep,
+    )
+
+
 class DDPOImportanceSampling(Algorithm):
     name = "ddpo_is"
 
@@ -88,15 +103,7 @@ class DDPOImportanceSampling(Algorithm):
         return normalize_globally(batch.rewards)
 
     def step_loss(self, step: TrainedStep) -> tuple[torch.Tensor, LossInfo]:
-        c = self.cfg
-        return ppo_clip_loss(
-            step.advantages,
-            step.log_prob,
-            step.old_log_prob,
-            c.clip_range,
-            c.adv_clip_max,
-            step.behavior_weights,
-        )
+        return clipped_loss(step, self.cfg)
 
 
 class DDPOScoreFunction(DDPOImportanceSampling):
@@ -128,25 +135,9 @@ class GRPO(Algorithm):
         return group_relative_advantages(batch.rewards, batch.groups, self.cfg.grpo_std)
 
     def step_loss(self, step: TrainedStep) -> tuple[torch.Tensor, LossInfo]:
-        c = self.cfg
-        loss, info = ppo_clip_loss(
-            step.advantages,
-            step.log_prob,
-            step.old_log_prob,
-            c.clip_range,
-            c.adv_clip_max,
-            step.behavior_weights,
-        )
-        if not c.skip_zero_advantage:
-            return loss, info
         # Zero-advantage samples (a group whose rewards are all equal) leave the mean.
-        kept = (step.advantages != 0).float()
-        adv = step.advantages.clamp(-c.adv_clip_max, c.adv_clip_max)
-        ratio = torch.exp(step.log_prob - step.old_log_prob)
-        per_sample = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - c.clip_range, 1 + c.clip_range))
-        if step.behavior_weights is not None:
-            per_sample = step.behavior_weights * per_sample
-        return (per_sample * kept).sum() / kept.sum().clamp(min=1), info
+        keep = (step.advantages != 0).float() if self.cfg.skip_zero_advantage else None
+        return clipped_loss(step, self.cfg, keep)
 
 
 def group_pairs(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,12 +28,14 @@ def ppo_clip_loss(
     clip_range: float,
     adv_clip_max: float,
     behavior_weights: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossInfo]:
     """DDPO-IS loss for one timestep of a minibatch (all tensors shape (batch,)).
 
     ``behavior_weights`` (decoupled PPO for stale samples): ``log_prob_old`` is then the proximal
     policy's, and each sample's term is multiplied by its truncated weight min(w, w_max),
-    w = exp(logp_prox - logp_behavior).
+    w = exp(logp_prox - logp_behavior). ``keep`` (1 or 0 per sample): the loss is the mean over
+    the kept samples only (GRPO's zero-advantage samples leave it); the info covers all.
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob_new - log_prob_old)
@@ -42,7 +44,7 @@ def ppo_clip_loss(
     per_sample = torch.maximum(unclipped, clipped)
     if behavior_weights is not None:
         per_sample = behavior_weights * per_sample
-    loss = per_sample.mean()
+    loss = per_sample.mean() if keep is None else (per_sample * keep).sum() / keep.sum().clamp(min=1)
     with torch.no_grad():
         info = LossInfo(
             approx_kl=float(0.5 * ((log_prob_new - log_prob_old) ** 2).mean()),
