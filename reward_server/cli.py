@@ -16,13 +16,14 @@ server, killed without clean-up).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -105,6 +106,20 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[ServerSetting
     return ServerSettings(**overrides), overrides
 
 
+@contextlib.contextmanager
+def exit_2_on_bad_settings(prog: str) -> Iterator[None]:
+    """A command line argparse refused or a setting that does not validate ends ``prog`` with its
+    message on stderr and exit status 2, without a traceback (ddpo-reward-server and -worker)."""
+    try:
+        yield
+    except CommandLineError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValidationError as err:
+        print(f"{prog}: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     """SIGTERM ourselves once ``parent_pid`` is no longer our parent (it exited or was killed).
 
@@ -127,19 +142,13 @@ def _env_value(value: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
-    try:
+    with exit_2_on_bad_settings("ddpo-reward-server"):
         process, overrides = parse_command_line(argv)
         if process.parent_pid is not None:
             exit_with_parent(process.parent_pid)
         # Plugins register their rewards before the settings check the names.
         import_extra_rewards(process.extra_rewards_module)
         settings = ServerSettings(**overrides)
-    except CommandLineError as err:
-        print(f"ddpo-reward-server: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ValidationError as err:
-        print(f"ddpo-reward-server: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     from reward_server.timeouts import uvicorn_options
 
     # Header/body/keep-alive timeouts and the connection limit: the same protocol and options in

@@ -40,11 +40,10 @@ from reward_server.errors import ApiError
 from reward_server.metrics import ServerMetrics
 from reward_server.rewards import import_extra_rewards  # plugins: one loader, the registry's
 from reward_server.service import THREAD_PARSE_BYTES, RewardService
-from reward_server.settings import ScoringSettings, describe_settings_error
+from reward_server.settings import ScoringSettings
 from shared.binary import BinaryScoreRequest
 from shared.cli import (
     ArgumentParser,
-    CommandLineError,
     add_config_flag,
     add_settings_flags,
     config_then_flags,
@@ -572,14 +571,10 @@ def settings_from_args(argv: Sequence[str] | None) -> tuple[WorkerSettings, Scor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
+    from reward_server.cli import exit_2_on_bad_settings
+
+    with exit_2_on_bad_settings("ddpo-reward-worker"):
         worker_settings, server_settings = settings_from_args(argv)
-    except CommandLineError as err:
-        print(f"ddpo-reward-worker: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ValidationError as err:
-        print(f"ddpo-reward-worker: invalid settings:\n{describe_settings_error(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     logging.basicConfig(
         level=server_settings.log_level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
