@@ -29,7 +29,7 @@ from reward_server.idempotency import binary_digest
 from reward_server.metrics import ServerMetrics
 from reward_server.service import RewardService
 from reward_server.settings import ServerSettings
-from reward_server.timeouts import BodyDeadline
+from reward_server.timeouts import METRICS_STATE_KEY, BodyDeadline
 from shared import binary
 from shared.binary import BinaryRequestError, BinaryScoreRequest
 from shared.errors import status_meanings
@@ -245,11 +245,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     api_key = settings.api_key.encode() if settings.api_key else None
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Load in the background so /healthz answers (and /readyz says 503) while big models load.
         loading = asyncio.create_task(service.load())
         try:
-            yield
+            # The lifespan state reaches uvicorn's connections too: the protocol counts the
+            # connections it cuts (reward_server/timeouts.py) in this app's metrics.
+            yield {METRICS_STATE_KEY: metrics}
         finally:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):

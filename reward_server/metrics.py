@@ -78,4 +78,11 @@ class ServerMetrics:
             "Bytes reserved against max_inflight_bytes (bodies, parsed requests, decoded images).",
             registry=r,
         )
+        self.closed_connections = Counter(
+            "ddpo_reward_connections_closed",
+            "Connections the server cut, by reason (write_timeout: the client left its response "
+            "unread for write_timeout_s).",
+            ["reason"],
+            registry=r,
+        )
         self.ready = Gauge("ddpo_reward_ready", "1 once every enabled reward is loaded.", registry=r)

@@ -98,6 +98,12 @@ class HttpSettings(BaseSettings):
         "else 408 request_timeout and the connection closes (the default admits a 128 MiB body at "
         "about 2.2 MB/s).",
     )
+    write_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A client that leaves its response unread (the server's write buffer stays full, "
+        "flow control paused) for this many seconds is disconnected.",
+    )
     keep_alive_timeout_s: float = Field(
         default=5.0,
         gt=0,

@@ -1,4 +1,4 @@
-"""Slow and idle clients: header, body and keep-alive timeouts and a connection limit (issue 14).
+"""Slow and idle clients: header, body, write and keep-alive timeouts and a connection limit (issue 14).
 
 uvicorn (0.54, h11; httptools is not a dependency) closes an idle kept-alive connection after
 ``timeout_keep_alive`` but has no timeout for a request head or body: a client that connects and
@@ -13,6 +13,13 @@ holds a connection and a file descriptor for ever, before any auth. Here:
   (``BodyDeadline``), the timer only closes connections whose response went out before the body
   ended (e.g. a 401 before the body was read: uvicorn discards the rest of the body, and each byte
   it discards cancels its keep-alive timer, so a trickle would hold the connection for ever).
+  A third timer cuts slow readers of the response (``write_timeout_s``): once the transport's
+  write buffer is over its high-water mark, asyncio calls ``pause_writing`` (uvicorn's flow control
+  then holds the next ``send`` of the response) and ``resume_writing`` when it drains; a client that
+  never reads would hold the connection, its response buffer and the request task for ever. Paused
+  for longer than the timeout: a reset (``SO_LINGER`` 0, ``transport.abort()``; ``close()`` would
+  wait for the buffer to drain), a warning in the log and
+  ``ddpo_reward_connections_closed_total{reason="write_timeout"}``.
   ``limit_concurrency`` (uvicorn's option) is checked as uvicorn does, at each request head, but
   answered with our JSON error (uvicorn's own 503 is plain text).
 - ``BodyDeadline``: ASGI middleware giving the whole request body a deadline while the app reads
@@ -27,8 +34,12 @@ holds a connection and a file descriptor for ever, before any auth. Here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http
+import logging
+import socket
+import struct
 from typing import Any
 
 import h11
@@ -36,6 +47,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from reward_server.errors import ApiError, error_response
 from reward_server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+# The key of the app's lifespan state under which the protocol finds the app's ``ServerMetrics``
+# (uvicorn hands every connection the lifespan state; reward_server/app.py puts it there).
+METRICS_STATE_KEY = "ddpo_reward_metrics"
 
 
 def raw_error(err: ApiError) -> bytes:
@@ -51,7 +68,7 @@ def raw_error(err: ApiError) -> bytes:
 
 
 class TimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus the head and body timers and a JSON 503 over the limit."""
+    """uvicorn's h11 protocol plus the head, body and write timers and a JSON 503 over the limit."""
 
     def __init__(
         self,
@@ -62,14 +79,17 @@ class TimeoutH11Protocol(H11Protocol):
         *,
         header_timeout_s: float,
         body_timeout_s: float,
+        write_timeout_s: float,
         retry_after_s: int = 1,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
+        self.write_timeout_s = write_timeout_s
         self.retry_after_s = retry_after_s
         self.head_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
         self.body_overdue = False
         # uvicorn's own check would answer 503 in plain text; ``admit`` makes the same check in JSON.
         self.concurrency_limit, self.limit_concurrency = self.limit_concurrency, None
@@ -118,10 +138,10 @@ class TimeoutH11Protocol(H11Protocol):
             self.body_timer = self.loop.call_later(self.body_timeout_s, self.body_expired)
 
     def cancel_timers(self) -> None:
-        for timer in (self.head_timer, self.body_timer):
+        for timer in (self.head_timer, self.body_timer, self.write_timer):
             if timer is not None:
                 timer.cancel()
-        self.head_timer = self.body_timer = None
+        self.head_timer = self.body_timer = self.write_timer = None
 
     def head_expired(self) -> None:
         self.head_timer = None
@@ -138,6 +158,42 @@ class TimeoutH11Protocol(H11Protocol):
             self.transport.close()  # answered without reading the body (e.g. 401): drop the rest
         else:
             self.body_overdue = True  # the app's receive() answers 408 (BodyDeadline); close after
+
+    # --- slow readers of the response -------------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The write buffer is over its high-water mark (the client reads slower than we write)."""
+        super().pause_writing()
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.write_timeout_s, self.write_expired)
+
+    def resume_writing(self) -> None:
+        """The client read enough for the buffer to drain under its low-water mark."""
+        super().resume_writing()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def write_expired(self) -> None:
+        self.write_timer = None
+        # abort, not close: close() keeps the connection until the buffer drains, i.e. for ever. And
+        # a reset (SO_LINGER 0): else the kernel keeps the socket (FIN-WAIT-1) and what it holds of
+        # the response (2.8 MB measured on loopback) while it probes the zero window, and the
+        # client still reads it all.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+        client = "{}:{}".format(*self.client) if self.client else "a client"
+        logger.warning(
+            "%s - closed the connection: the client left its response unread (write buffer full "
+            "for %g s, write_timeout_s)",
+            client,
+            self.write_timeout_s,
+        )
+        metrics = self.app_state.get(METRICS_STATE_KEY)
+        if metrics is not None:
+            metrics.closed_connections.labels("write_timeout").inc()
 
     # --- limit_concurrency ------------------------------------------------------------------------
     async def admit(self, scope: Any, receive: Any, send: Any) -> None:
@@ -199,6 +255,7 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
         TimeoutH11Protocol,
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
+        write_timeout_s=settings.write_timeout_s,
         retry_after_s=settings.retry_after_s,
     )
     return {

@@ -1,5 +1,5 @@
 """Slow and idle clients against a real uvicorn server on loopback, through raw sockets: header,
-body and keep-alive timeouts and the connection limit (reward_server/timeouts.py, issue 14).
+body, write and keep-alive timeouts and the connection limit (reward_server/timeouts.py, issue 14).
 
 The servers run with the options ``ddpo-reward-server`` gives uvicorn (``uvicorn_options``), in a
 thread with small timeouts; ``test_cli_passes_the_options`` runs the command itself with 1 and 2
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADER_S = 0.5
 BODY_S = 0.8
 KEEP_ALIVE_S = 0.6
+WRITE_S = 0.8
 SLACK_S = 1.5  # a busy 2-core machine: timers fire late, never early
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -48,6 +49,7 @@ class Server:
             "header_timeout_s": HEADER_S,
             "body_timeout_s": BODY_S,
             "keep_alive_timeout_s": KEEP_ALIVE_S,
+            "write_timeout_s": WRITE_S,
         }
         settings = ServerSettings(**{**timeouts, **overrides})
         sock = free_loopback_socket()
@@ -126,6 +128,33 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         assert chunk, "closed inside a response body"
         body += chunk
     return int(lines[0].split()[1]), headers, body
+
+
+# Pipelined GET /openapi.json (8 kB each): 1500 of them are 12 MB of responses, more than the
+# kernel's buffers on both sides (the server's send buffer autotunes up to ~4 MB on loopback) and
+# asyncio's 64 kB high-water mark together, so the server's writes pause.
+OPENAPI = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+UNREAD_REQUESTS = 1500
+
+
+def request_unread_responses(port: int, requests: int = UNREAD_REQUESTS) -> socket.socket:
+    """A client with a 4 kB receive buffer that sends ``requests`` pipelined requests (and reads nothing)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: sets the window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(OPENAPI * requests)
+    return sock
+
+
+def reset_within(sock: socket.socket, limit_s: float, started: float) -> float:
+    """Seconds from ``started`` until the server reset ``sock`` (POLLHUP/POLLERR: seen without reading
+    a byte); fails after ``limit_s``."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | select.POLLERR)
+    if not poller.poll(max(0.0, started + limit_s - time.monotonic()) * 1000):
+        raise AssertionError(f"still open {limit_s} s after the requests")
+    return time.monotonic() - started
 
 
 def parse_error(data: bytes) -> tuple[int, dict[str, Any]]:
@@ -310,6 +339,78 @@ def test_f_healthz_answers_quickly_while_20_slowloris_sockets_are_open():
         running.stop()
 
 
+# --- (g): slow readers of the response ---------------------------------------------------------
+
+
+def test_g_a_client_that_never_reads_its_responses_is_reset_after_the_write_timeout(server):
+    """Without the write timer, the connection, the buffered responses and the request task waiting
+    on uvicorn's flow control (drain) stay for ever; /healthz answers meanwhile."""
+    started = time.monotonic()
+    sock = request_unread_responses(server.port)
+    times: list[float] = []
+    with sock, httpx.Client() as client:
+        client.get(server.base + "/healthz")  # connect once: time the answers, not the handshake
+        poller = select.poll()
+        poller.register(sock, select.POLLHUP | select.POLLERR)
+        while not poller.poll(0) and time.monotonic() < started + WRITE_S + SLACK_S:
+            probe = time.perf_counter()
+            assert client.get(server.base + "/healthz").status_code == 200
+            times.append(time.perf_counter() - probe)
+            time.sleep(0.05)  # (every 20 ms: ~45 ms each, idle or not: delayed ACKs on loopback)
+        elapsed = reset_within(sock, WRITE_S + SLACK_S, started)
+        with pytest.raises(ConnectionResetError):  # a reset: the kernel dropped the rest too
+            while sock.recv(65536):
+                pass
+        metrics = client.get(server.base + "/metrics").text
+    print(
+        f"non-reading client reset after {elapsed:.2f} s (write_timeout_s {WRITE_S}); /healthz "
+        f"meanwhile: {len(times)} probes, median {statistics.median(times) * 1000:.1f} ms, "
+        f"max {max(times) * 1000:.1f} ms"
+    )
+    assert WRITE_S - 0.1 <= elapsed <= WRITE_S + SLACK_S
+    assert len(times) >= 3 and statistics.median(times) < 0.1, times
+    assert 'ddpo_reward_connections_closed_total{reason="write_timeout"} 1.0' in metrics
+    state = server.server.server_state
+    deadline = time.monotonic() + 5
+    while state.connections or state.tasks:  # the connection and its request task are gone
+        assert time.monotonic() < deadline, (state.connections, state.tasks)
+        time.sleep(0.02)
+
+
+def test_g_a_slow_but_steady_reader_is_not_cut(server):
+    """The timer runs while the writes stay paused, not over the whole response: a client reading
+    32 kB every 0.1 s gets 100 pipelined responses over several write_timeout_s."""
+    requests = 100
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)  # room for one read's 32 kB
+    sock.settimeout(10)
+    before = set(server.server.server_state.connections)
+    sock.connect(("127.0.0.1", server.port))
+    deadline = time.monotonic() + 5
+    while not (new := set(server.server.server_state.connections) - before):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (protocol,) = new
+    # A small send buffer on the server's side of this connection (no autotuning): its writes pause
+    # after a few responses instead of after megabytes. Count the pauses to be sure they happened.
+    protocol.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    pauses = []
+    pause_writing = protocol.pause_writing
+    protocol.pause_writing = lambda: (pauses.append(time.monotonic()), pause_writing())
+    started = time.monotonic()
+    with sock:
+        sock.sendall(OPENAPI * requests)
+        data = b""
+        while data.count(b"HTTP/1.1 200 OK") < requests or not data.endswith(b"}"):
+            time.sleep(0.1)
+            chunk = sock.recv(32768)
+            assert chunk, f"closed after {data.count(b'HTTP/1.1 200 OK')} responses"
+            data += chunk
+    elapsed = time.monotonic() - started
+    print(f"slow reader: {requests} responses ({len(data)} bytes) in {elapsed:.1f} s, {len(pauses)} pauses")
+    assert elapsed > 2 * WRITE_S and len(pauses) >= 5, (elapsed, len(pauses))
+
+
 # --- ddpo-reward-server with 1 and 2 workers ---------------------------------------------------
 
 
@@ -320,8 +421,9 @@ def test_cli_passes_the_options(workers):
         port = probe.getsockname()[1]
     flags = ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     flags += ["--header-timeout-s", str(HEADER_S), "--body-timeout-s", str(BODY_S)]
+    flags += ["--write-timeout-s", str(WRITE_S)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reward_server.cli", *flags, "--limit-concurrency", "1"],
+        [sys.executable, "-m", "reward_server.cli", *flags, "--limit-concurrency", "2"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -337,11 +439,16 @@ def test_cli_passes_the_options(workers):
                 sock.sendall(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
                 status, body = parse_error(read_until_closed(sock, BODY_S + SLACK_S)[1])
                 assert status == 408 and body["error"] == "request_timeout"
-        # limit_concurrency 1: a request while another connection is open -> 503 in JSON. Several
-        # others, so that each worker most likely holds one (connections land on either).
+            started = time.monotonic()
+            with request_unread_responses(port) as sock:
+                assert reset_within(sock, WRITE_S + SLACK_S, started) >= WRITE_S - 0.1
+        # limit_concurrency 2 (1 would refuse pipelined requests, as uvicorn's own check does: the
+        # previous request's task still counts when the next one starts): a request while two other
+        # connections are open on its worker -> 503 in JSON. Eight others, so that each worker most
+        # likely holds two (connections land on either).
         answers = set()
         for _ in range(4):
-            others = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+            others = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
             time.sleep(0.1)
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
