@@ -11,6 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from html.parser import HTMLParser
 from typing import Any
 
 import numpy as np
@@ -68,15 +69,80 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 # The documentation pages' assets, at exact versions (FastAPI's defaults are floating majors such as
 # swagger-ui-dist@5, so a new release on the CDN would run in every reader's browser unreviewed);
-# no Google Fonts for ReDoc and no favicon from fastapi.tiangolo.com. Bump deliberately.
+# no Google Fonts for ReDoc and no favicon from fastapi.tiangolo.com. Bump deliberately, hashes too.
 SWAGGER_UI_VERSION = "5.35.0"
 REDOC_VERSION = "2.5.4"
 SWAGGER_UI_CDN = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+SWAGGER_UI_JS_URL = f"{SWAGGER_UI_CDN}/swagger-ui-bundle.js"
+SWAGGER_UI_CSS_URL = f"{SWAGGER_UI_CDN}/swagger-ui.css"
 REDOC_JS_URL = f"https://cdn.jsdelivr.net/npm/redoc@{REDOC_VERSION}/bundles/redoc.standalone.js"
+# Subresource Integrity of those files: the browser runs them only if they hash to this (a CDN or
+# package compromise cannot swap them). Computed from the published npm tarballs, whose files
+# jsDelivr's /npm/ serves unchanged: `npm pack swagger-ui-dist@5.35.0 redoc@2.5.4` (the versions
+# above; npm checks each tarball against the registry's sha512), then
+# `openssl dgst -sha384 -binary FILE | openssl base64 -A` of package/swagger-ui-bundle.js,
+# package/swagger-ui.css and package/bundles/redoc.standalone.js. scripts/sri-hashes.sh does all of
+# it for the versions above and compares with these.
+SWAGGER_UI_JS_SRI = "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9"
+SWAGGER_UI_CSS_SRI = "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I"
+REDOC_JS_SRI = "sha384-w447zOpYfw/1Tv/5AK9NfHTlQIqE3RVR6KY62jCyy9zNDgO64cMwGGP1Fj0zJVf5"
+SRI_HASHES = {
+    SWAGGER_UI_JS_URL: SWAGGER_UI_JS_SRI,
+    SWAGGER_UI_CSS_URL: SWAGGER_UI_CSS_SRI,
+    REDOC_JS_URL: REDOC_JS_SRI,
+}
+# The favicon has no integrity: browsers ignore SRI on <link rel="icon"> (it applies to scripts and
+# stylesheets only). An image, not code; from the same pinned package.
 FAVICON_URL = f"{SWAGGER_UI_CDN}/favicon-32x32.png"
 
 # Content types a browser sends cross-site without a CORS preflight: refused on POST /score.
 CORS_SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+class StartTags(HTMLParser):
+    """The <script> and <link> start tags of a page: (name, attributes, exact source text)."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None], str]] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "link"):
+            self.tags.append((tag, dict(attrs), self.get_starttag_text() or ""))
+
+
+def external_asset(tag: str, attributes: dict[str, str | None]) -> str | None:
+    """The URL of an off-site script or stylesheet tag, else None (inline, same-site, favicon)."""
+    if tag == "script":
+        url = attributes.get("src")
+    else:
+        url = attributes.get("href") if "stylesheet" in (attributes.get("rel") or "").split() else None
+    return url if url is not None and url.startswith(("https://", "http://", "//")) else None
+
+
+def with_integrity(html: str, hashes: dict[str, str] = SRI_HASHES) -> str:
+    """``html`` with ``integrity`` and ``crossorigin="anonymous"`` on every external script and
+    stylesheet (FastAPI's get_swagger_ui_html / get_redoc_html cannot emit them). An external one
+    without a hash in ``hashes``: RuntimeError (at start-up: the pages are built once), never a page
+    that loads an unverified file."""
+    added = 0
+    for tag, attributes, text in StartTags(html).tags:
+        url = external_asset(tag, attributes)
+        if url is None:
+            continue  # the favicon too: browsers apply no SRI to icons
+        if url not in hashes:
+            raise RuntimeError(f"no Subresource Integrity hash for {url} (reward_server/app.py)")
+        if "integrity" in attributes or "crossorigin" in attributes:
+            raise RuntimeError(f"{url} has an integrity or crossorigin attribute already")
+        end = -2 if text.endswith("/>") else -1
+        tagged = f'{text[:end].rstrip()} integrity="{hashes[url]}" crossorigin="anonymous"{text[end:]}'
+        html = html.replace(text, tagged, 1)  # the first untagged copy (the same tag twice: both)
+        added += 1
+    if not added:
+        raise RuntimeError("no external script or stylesheet found to add integrity to")
+    return html
 
 
 async def read_body(
@@ -445,25 +511,37 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def openapi_json() -> JSONResponse:
         return JSONResponse(app.openapi())
 
+    # The pages are static: built once (with their SRI attributes), served as they are.
+    swagger_ui_page = with_integrity(
+        bytes(
+            get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url=SWAGGER_UI_JS_URL,
+                swagger_css_url=SWAGGER_UI_CSS_URL,
+                swagger_favicon_url=FAVICON_URL,
+            ).body
+        ).decode()
+    )
+    redoc_page = with_integrity(
+        bytes(
+            get_redoc_html(
+                openapi_url="/openapi.json",
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=REDOC_JS_URL,
+                redoc_favicon_url=FAVICON_URL,
+                with_google_fonts=False,
+            ).body
+        ).decode()
+    )
+
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{SWAGGER_UI_CDN}/swagger-ui-bundle.js",
-            swagger_css_url=f"{SWAGGER_UI_CDN}/swagger-ui.css",
-            swagger_favicon_url=FAVICON_URL,
-        )
+        return HTMLResponse(swagger_ui_page)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url="/openapi.json",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=REDOC_JS_URL,
-            redoc_favicon_url=FAVICON_URL,
-            with_google_fonts=False,
-        )
+        return HTMLResponse(redoc_page)
 
     return app
 

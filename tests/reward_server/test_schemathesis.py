@@ -15,6 +15,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable
+from html.parser import HTMLParser
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
 
+from reward_server import app as app_module
 from shared.codec import encode_png_b64
 from tests.reward_server.fuzz_helpers import SERVED_REWARDS, b64, make_png, tiny_reward_settings
 from tests.reward_server.rewards.test_aesthetic import tiny_aesthetic  # noqa: F401
@@ -226,3 +228,65 @@ def test_docs_pages_load_only_exact_version_assets(keyed_server, page):
     assert any(url.endswith(".js") for url in urls), urls
     for url in urls:
         assert re.fullmatch(r"https://cdn\.jsdelivr\.net/npm/[a-z-]+@\d+\.\d+\.\d+/[\w./-]+", url), url
+
+
+class Tags(HTMLParser):
+    """Every start tag of a page with its attributes."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+@pytest.mark.parametrize(
+    ("page", "assets"),
+    [
+        ("/docs", {app_module.SWAGGER_UI_JS_URL, app_module.SWAGGER_UI_CSS_URL}),
+        ("/redoc", {app_module.REDOC_JS_URL}),
+    ],
+)
+def test_docs_pages_pin_their_scripts_and_stylesheets_with_sri(keyed_server, page, assets):
+    """Every off-site <script src> and <link rel=stylesheet> carries integrity= (the constant of its
+    URL, computed from the npm tarballs: scripts/sri-hashes.sh) and crossorigin="anonymous"; the
+    only other off-site URL is the favicon (browsers apply no SRI to icons). Nothing downloaded."""
+    assert httpx.get(keyed_server.base_url + page, timeout=10).status_code == 401  # still keyed
+    html = httpx.get(keyed_server.base_url + page, headers=KEY_HEADERS, timeout=10).text
+    pinned, other = set(), set()
+    for tag, attrs in Tags(html).tags:
+        for name in ("src", "href"):
+            url = attrs.get(name) or ""
+            if not url.startswith(("http://", "https://", "//")):
+                continue
+            rel = (attrs.get("rel") or "").split()
+            if tag == "script" or (tag == "link" and "stylesheet" in rel):
+                assert attrs.get("integrity") == app_module.SRI_HASHES[url], (tag, attrs)
+                assert attrs.get("crossorigin") == "anonymous", (tag, attrs)
+                pinned.add(url)
+            else:
+                assert tag == "link" and "icon" in rel and url == app_module.FAVICON_URL, (tag, attrs)
+                other.add(url)
+    assert pinned == assets and other == {app_module.FAVICON_URL}, (pinned, other)
+    for digest in app_module.SRI_HASHES.values():  # 48 bytes of SHA-384 in base64
+        assert re.fullmatch(r"sha384-[A-Za-z0-9+/]{64}", digest), digest
+
+
+def test_a_page_loading_an_external_asset_without_a_hash_is_refused():
+    with_integrity = app_module.with_integrity
+    hashes = {"https://cdn.example/a.js": "sha384-x"}
+    tagged = with_integrity('<script src="https://cdn.example/a.js"></script><script>x()</script>', hashes)
+    assert tagged == (
+        '<script src="https://cdn.example/a.js" integrity="sha384-x" crossorigin="anonymous"></script>'
+        "<script>x()</script>"
+    )
+    for page in (
+        "<script src='https://cdn.example/b.js'></script>",  # any quoting
+        '<link rel="stylesheet" href="//cdn.example/b.css"/>',
+        '<script src="https://cdn.example/a.js" integrity="sha384-y"></script>',
+        '<script src="/local.js"></script>',  # nothing external: the page is not what we expect
+    ):
+        with pytest.raises(RuntimeError):
+            with_integrity(page, hashes)
