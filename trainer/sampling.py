@@ -23,6 +23,7 @@ class Trajectories:
     latents: torch.Tensor  # (B, S, C, h, w): x_t before each step
     next_latents: torch.Tensor  # (B, S, C, h, w): x_t' after each step
     log_probs: torch.Tensor  # (B, S): log p(x_t' | x_t) under the sampling policy
+    final_latents: torch.Tensor  # (B, C, h, w): x_0, the latent the images are decoded from
     images: np.ndarray  # (B, H, W, 3) uint8
 
     def __len__(self) -> int:
@@ -38,6 +39,7 @@ class Trajectories:
             latents=torch.cat([p.latents for p in parts]),
             next_latents=torch.cat([p.next_latents for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]),
+            final_latents=torch.cat([p.final_latents for p in parts]),
             images=np.concatenate([p.images for p in parts]),
         )
 
@@ -51,6 +53,7 @@ class Trajectories:
             latents=self.latents[index],
             next_latents=self.next_latents[index],
             log_probs=self.log_probs[index],
+            final_latents=self.final_latents[index],
             images=self.images[idx],
         )
 
@@ -141,5 +144,6 @@ def sample_trajectories(
         latents=stacked_latents,
         next_latents=stacked_next,
         log_probs=stacked_logp,
+        final_latents=latents,
         images=images,
     )

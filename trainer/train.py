@@ -644,7 +644,7 @@ class Trainer:
         """
         policy, idx, num_timesteps = self.policy, mb.idx, batch.num_timesteps
         scheduler = policy.scheduler
-        x0 = batch.samples.next_latents[idx, -1]
+        x0 = batch.samples.final_latents[idx]  # (with a window, the last recorded step is not x_0)
         embeds = batch.samples.prompt_embeds[idx]
         total = 0.0
         for j in range(num_timesteps):

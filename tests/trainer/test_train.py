@@ -295,7 +295,7 @@ def _negative_denoising_loss(trainer: Trainer, samples, draws: int = 16) -> torc
     policy = trainer.policy
     scheduler = policy.scheduler
     assert scheduler.config.prediction_type == "epsilon"
-    x0 = samples.next_latents[:, -1]
+    x0 = samples.final_latents
     gen = torch.Generator().manual_seed(1234)
     losses = torch.zeros(len(samples))
     for _ in range(draws):
@@ -365,3 +365,24 @@ def test_update_raises_the_likelihood_of_favoured_samples(make_tiny_config, algo
     else:
         assert delta[0] > 0 > delta[1], delta
         assert delta[0] > delta[2:].max() and delta[1] < delta[2:].min(), delta
+
+
+def test_rwr_with_a_window_fits_the_final_latents(make_tiny_config):
+    """With window training only the window's steps are recorded, so the last recorded latent is a
+    noisy x_t', not the sample: RWR must fit x_0, the latent its image was decoded from. The recorded
+    steps are made NaN here, so an update that reads them instead of x_0 poisons the weights."""
+    cfg = make_tiny_config(
+        sample={"num_batches_per_epoch": 1, "window_size": 1, "window_start": 1},
+        train={"algorithm": "rwr", "learning_rate": 1e-3},
+        run={"eval_before_training": False},
+    )
+    trainer = Trainer(cfg)
+    samples, futures = trainer.sample_epoch(0)
+    [f.result() for f in futures]
+    assert samples.next_latents.shape[1] == 1
+    assert torch.equal(trainer.policy.decode(samples.final_latents), torch.from_numpy(samples.images))
+    samples.latents.fill_(float("nan"))
+    samples.next_latents.fill_(float("nan"))
+    info = trainer.update(0, samples, np.ones(len(samples)))
+    assert info["optimizer_steps"] == 1 and np.isfinite(info["loss"]), info
+    assert all(torch.isfinite(v).all() for v in trainer.policy.trainable_state_dict().values())

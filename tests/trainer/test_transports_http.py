@@ -180,6 +180,7 @@ def _samples(n: int) -> Trajectories:
         latents=z,
         next_latents=z,
         log_probs=torch.zeros(n, 2),
+        final_latents=torch.zeros(n, 1, 1, 1),
         images=np.zeros((n, 4, 4, 3), np.uint8),
     )
 
