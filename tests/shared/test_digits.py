@@ -13,9 +13,14 @@ def test_prompts_round_trip_and_split():
         assert digits.parse_prompt(prompt).prompt == prompt
     spec = digits.parse_prompt("a red seven on a blue background")
     assert spec == digits.DigitSpec(7, "red", "blue") and spec.heldout
-    # Every colour is still seen in training as a stroke and as a background.
+    # Held out: one background per digit, with every stroke; each part is still seen in training:
+    # every digit on the other four backgrounds, every colour pair with other digits.
+    held = [digits.parse_prompt(p) for p in heldout]
+    assert len({(s.digit, s.background) for s in held}) == 10 and {s.digit for s in held} == set(range(10))
     seen = [digits.parse_prompt(p) for p in train]
-    assert {s.stroke for s in seen} == {s.background for s in seen} == set(digits.COLOR_NAMES)
+    assert not {(s.digit, s.background) for s in seen} & {(s.digit, s.background) for s in held}
+    assert len({(s.stroke, s.background) for s in seen}) == 20
+    assert all(len({s.background for s in seen if s.digit == d}) == 4 for d in range(10))
 
 
 @pytest.mark.parametrize(
