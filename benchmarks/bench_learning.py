@@ -11,7 +11,7 @@ Prints a table (base vs final, mean ± std over seeds) and writes, under ``--out
 ``bench_learning.png`` (caption accuracy and reward against reward queries, one curve per
 algorithm, seed spread shaded) and ``bench_learning.json`` (every curve).
 
-Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 40] [--algorithms ddpo_is rwr]
+Usage:  python benchmarks/bench_learning.py [--seeds 0 1 2] [--epochs 80] [--algorithms ddpo_is rwr]
         [--set train.learning_rate=1e-3 ...] [--jobs 2] [--out docs/bench_learning]
 Each finished run is kept as ``<out>/runs/<algorithm>-seed<k>.json``; a rerun skips those
 (``--fresh`` discards them), and ``--report`` only rebuilds the table and plot from them.
@@ -22,6 +22,11 @@ A variant (``--set`` overrides) gets its own rows and files with ``--label NAME`
 Rewards are scored in process (transport local: the same scorer code the reward server runs) so
 the runs measure learning, not transport; ``--transport http`` runs each through its own embedded
 reward server instead.
+A slow reward service: ``--reward-latency L`` delivers each batch's reward L seconds after it was
+sampled (batches in flight at once); with ``--time-budget T`` every run gets T seconds of training
+(sampling + reward wait + update; evals excluded) instead of a number of epochs, and
+``--x-axis seconds`` plots against that time, e.g. on-policy vs ``train.max_staleness=1`` at the
+same wall clock.
 """
 
 from __future__ import annotations
@@ -84,16 +89,32 @@ def run_one(
     }
     cfg = with_algorithm(build_config("digits-alignment", overrides), algorithm)
     started = time.perf_counter()
-    trainer = Trainer(cfg)
-    trainer.run()
+    client = None
+    if args.reward_latency:
+        from trainer.reward_client import make_reward_client
+
+        client = LatentRewardClient(make_reward_client(cfg.reward), args.reward_latency)
+    trainer = Trainer(cfg, reward_client=client)
+    try:
+        if args.time_budget:
+            train_for(trainer, args.time_budget)
+        else:
+            trainer.run()
+    finally:
+        if client is not None:
+            client.close()
     seconds = time.perf_counter() - started
     samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
     curves: dict[str, list[list[float]]] = {name: [] for name in CURVES}
+    curves["seconds"] = [[0, 0.0]]  # training wall-clock (sampling + reward wait + update, no evals)
     for m in trainer.run_folder.read_metrics():
         queries = (m["epoch"] + 1) * samples_per_epoch  # epoch -1 (the base model): 0 queries
         for name, key in CURVES.items():
             if key in m:
                 curves[name].append([queries, m[key]])
+        if "time_training_s" in m:
+            spent = m["time_sampling_s"] + m["time_reward_wait_s"] + m["time_training_s"]
+            curves["seconds"].append([queries, curves["seconds"][-1][1] + spent])
     return {
         "algorithm": algorithm,
         "label": args.label,
@@ -102,6 +123,58 @@ def run_one(
         "curves": curves,
         "overrides": args.set,
     }
+
+
+class LatentRewardClient:
+    """A reward service with latency ``latency_s``: each batch's result arrives that long after it
+    was submitted (or when scored, if later), batches in flight at once (a VLM service with
+    capacity to spare: latency, not throughput, is what is slow)."""
+
+    def __init__(self, inner: Any, latency_s: float):
+        self.inner, self.latency_s = inner, latency_s
+
+    def submit(self, images, prompts, metadata=None, request_id=None):
+        import threading
+        from concurrent.futures import Future
+
+        due = time.monotonic() + self.latency_s
+        delayed: Future = Future()
+
+        def deliver(done: Future) -> None:
+            if done.exception() is not None:
+                delayed.set_exception(done.exception())
+            else:
+                delayed.set_result(done.result())
+
+        def when_scored(done: Future) -> None:
+            wait = due - time.monotonic()
+            if wait > 0:
+                threading.Timer(wait, deliver, [done]).start()
+            else:
+                deliver(done)
+
+        self.inner.submit(images, prompts, metadata, request_id).add_done_callback(when_scored)
+        return delayed
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def train_for(trainer: Any, budget_s: float) -> None:
+    """``trainer.run()`` that stops after the epoch whose training time (sampling + reward wait +
+    update, evals excluded) reaches ``budget_s``; the last epoch is evaluated."""
+    folder = trainer.run_folder
+    folder.append_metrics({"epoch": -1, "global_step": 0, **trainer.evaluate("base")})
+    spent, epoch, last = 0.0, 0, {}
+    while spent < budget_s and epoch < trainer.cfg.run.num_epochs:
+        last = trainer.train_epoch(epoch)
+        spent += last["time_sampling_s"] + last["time_reward_wait_s"] + last["time_training_s"]
+        epoch += 1
+    if "eval_caption_accuracy" not in last:  # the budget ended between two evals
+        metrics = folder.read_metrics()
+        metrics[-1].update(trainer.evaluate(f"epoch_{epoch - 1:04d}"))
+        folder.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    folder.loggers.close()
 
 
 def run_name(algorithm: str, label: str) -> str:
@@ -117,7 +190,7 @@ def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float,
 def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
     header = (
         f"{'algorithm':<20} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
-        f"{'eval reward (train prompts)':^29} | {'min/run':>7}"
+        f"{'eval reward (train prompts)':^29} | {'queries':>7} | {'train s':>7} | {'min/run':>7}"
     )
     lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
     for algorithm, runs in results.items():
@@ -126,14 +199,25 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
             (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
             cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
         minutes = np.mean([r["seconds"] for r in runs]) / 60
+        spent = np.mean([r["curves"]["seconds"][-1][1] for r in runs if "seconds" in r["curves"]] or [np.nan])
+        used = np.mean([r["curves"]["train"][-1][0] for r in runs])
         lines.append(f"{algorithm:<20} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
-                     f"{minutes:7.1f}")  # fmt: skip
+                     f"{used:7.0f} | {spent:7.0f} | {minutes:7.1f}")  # fmt: skip
     table = "\n".join(lines)
     print(table, flush=True)
     return table
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def x_values(run: dict[str, Any], name: str, axis: str) -> np.ndarray:
+    """The x of a curve's points: reward queries, or training seconds at those queries."""
+    queries = np.array([q for q, _ in run["curves"][name]])
+    if axis == "queries":
+        return queries
+    seconds = dict((q, t) for q, t in run["curves"]["seconds"])
+    return np.array([seconds[q] for q in queries])
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path, axis: str = "queries") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,13 +236,18 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         reward_vs_kl(results, axes[-1])
     for ax, (name, title) in zip(axes, panels, strict=False):
         for algorithm, runs in results.items():
-            x = np.array([q for q, _ in runs[0]["curves"][name]])
-            y = np.array([[v for _, v in r["curves"][name]] for r in runs])
+            points = min(len(r["curves"][name]) for r in runs)  # time budgets: runs may differ
+            x = np.mean([x_values(r, name, axis)[:points] for r in runs], axis=0)
+            y = np.array([[v for _, v in r["curves"][name][:points]] for r in runs])
             mean, std = y.mean(0), y.std(0)
             ax.plot(x, mean, marker="o", markersize=3, label=f"{algorithm} ({len(runs)} seeds)")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
         ax.set_title(title)
-        ax.set_xlabel("reward queries (training samples scored)")
+        ax.set_xlabel(
+            "reward queries (training samples scored)"
+            if axis == "queries"
+            else "training seconds (sampling + reward wait + update; mean over seeds)"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -192,11 +281,20 @@ def main() -> None:
     )
     parser.add_argument("--algorithms", nargs="+", default=list(algorithms()), choices=algorithms())
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=40, help="epochs per run (the reward-query budget)")
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--eval-prompts", type=int, default=40, help="eval prompts per group")
+    parser.add_argument("--epochs", type=int, default=80, help="epochs per run (the reward-query budget)")
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-prompts", type=int, default=160, help="eval prompts per group")
     parser.add_argument("--eval-seeds", type=int, default=2, help="seeds per eval prompt")
     parser.add_argument("--transport", choices=["local", "http"], default="local")
+    parser.add_argument(
+        "--reward-latency", type=float, default=0.0, help="seconds each batch's reward takes to arrive"
+    )
+    parser.add_argument(
+        "--x-axis", choices=["queries", "seconds"], default="queries", help="the plot's x axis"
+    )
+    parser.add_argument(
+        "--time-budget", type=float, default=0.0, help="stop each run after this many training seconds"
+    )
     parser.add_argument(
         "--set", nargs="*", default=[], help="config overrides, e.g. train.learning_rate=1e-3"
     )
@@ -258,7 +356,7 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {runs_out}")
     any_run = next(iter(results.values()))[0]
     table = print_table(results, queries=int(any_run["curves"]["train"][-1][0]))
-    plot(results, out / "bench_learning.png")
+    plot(results, out / "bench_learning.png", args.x_axis)
     (out / "bench_learning.json").write_text(
         json.dumps({"args": vars(args), "table": table, "runs": results}, indent=1) + "\n"
     )

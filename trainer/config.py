@@ -626,11 +626,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # prompt-image alignment judged by the digits captioner (the VLM's stand-in) + BERTScore, the
     # paper's alignment reward in miniature, through an embedded reward server over HTTP.
     "digits-alignment": {
-        # Measured on 2 CPU cores (docs/learning.md): with every step stochastic, the policy gradient
-        # of a few hundred samples is indistinguishable from noise (the reward depends on a few of
-        # the 10 x 1024 noise dimensions). One stochastic step (window), shared x_T inside a group
-        # and CFG-free sampling make the reward spread of a group the policy's own doing, at a
-        # fraction of the cost; then caption accuracy rises.
+        # Measured on 2 CPU cores (docs/learning.md): the policy gradient is an estimate over each
+        # stochastic step's noise (the base's 4x4x4 latent: 64 numbers). One stochastic step
+        # (window), shared x_T inside a group and CFG-free sampling make the reward spread of a
+        # group the policy's own doing, at a fraction of the cost: caption accuracy on training
+        # prompts rises by about 25 points in 80 epochs (10,240 reward queries).
         "model": {
             "pretrained": "digits",
             "dtype": "fp32",
@@ -663,9 +663,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"name": "llava_bertscore", "transport": "local", "server_settings": DIGITS_REWARD_SERVER},
         "run": {
             "name": "digits-alignment",
-            "num_epochs": 40,
-            "save_every": 10,
-            "eval_every": 10,
+            "num_epochs": 80,
+            "save_every": 20,
+            "eval_every": 20,
             "eval_num_images": 16,
             "eval_images_per_prompt": 2,
         },
