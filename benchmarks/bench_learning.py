@@ -190,7 +190,8 @@ def summarize(runs: list[dict[str, Any]], name: str, index: int) -> tuple[float,
 def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
     header = (
         f"{'algorithm':<20} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
-        f"{'eval reward (train prompts)':^29} | {'queries':>7} | {'train s':>7} | {'min/run':>7}"
+        f"{'eval reward (train prompts)':^29} | {'diversity':^15} | "
+        f"{'queries':>7} | {'train s':>7} | {'min/run':>7}"
     )
     lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
     for algorithm, runs in results.items():
@@ -198,11 +199,13 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
         for name in ("train", "heldout", "reward"):
             (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
             cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
+        (b, _), (f, _) = summarize(runs, "diversity", 0), summarize(runs, "diversity", -1)
+        cells.append(f"{b:.3f} -> {f:.3f}")
         minutes = np.mean([r["seconds"] for r in runs]) / 60
         spent = np.mean([r["curves"]["seconds"][-1][1] for r in runs if "seconds" in r["curves"]] or [np.nan])
         used = np.mean([r["curves"]["train"][-1][0] for r in runs])
         lines.append(f"{algorithm:<20} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
-                     f"{used:7.0f} | {spent:7.0f} | {minutes:7.1f}")  # fmt: skip
+                     f"{cells[3]:^15} | {used:7.0f} | {spent:7.0f} | {minutes:7.1f}")  # fmt: skip
     table = "\n".join(lines)
     print(table, flush=True)
     return table
@@ -227,6 +230,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path, axis: str = "quer
         ("train", "caption accuracy, training prompts"),
         ("heldout", "caption accuracy, held-out prompts"),
         ("reward", "reward (BERTScore recall), training prompts"),
+        ("diversity", "diversity (same-prompt RMS distance), training prompts"),
     ]
     with_kl = any(
         any(v > 0 for _, v in r["curves"].get("kl_ref", [])) for runs in results.values() for r in runs
