@@ -12,7 +12,7 @@
    N = 1, 2, 4, against the sampler's 1/S batches/s.
 
     python benchmarks/bench_transport.py [--batches 4] [--steps 4] [--ratios 0.5 1 2] [--workers 1 2 4]
-        [--window-size 0] [--no-redis]
+        [--window-size 0] [--capacity 1] [--no-redis]
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def loop_table(
     repeats: int,
     redis: bool,
     window_size: int = 0,
+    capacity: int = 1,
 ) -> None:
     timing = functools.partial(
         epoch_time, output, batches, steps=steps, repeats=repeats, window_size=window_size
@@ -135,7 +136,10 @@ def loop_table(
         f"instant in-process reward: epoch {base['total']:.2f} s (sampling {base['sampling']:.2f} s = "
         f"S {per_batch:.2f} s/batch x {batches}, reward wait {base['wait']:.2f} s)"
     )
-    print("epoch time / instant-reward epoch (reward wait in the epoch, s):")
+    print(
+        f"epoch time / instant-reward epoch (reward wait in the epoch, s); the slow service scores "
+        f"{capacity} batch(es) at once:"
+    )
     print(
         f"{'L/S':>5} {'L (s)':>6} | {'sync HTTP':>13} | {'on-policy HTTP':>14} | {'staleness 1 HTTP':>16}"
         + (f" | {'on-policy Redis':>15} | {'staleness 1 Redis':>17}" if redis else "")
@@ -147,14 +151,19 @@ def loop_table(
     for ratio in ratios:
         delay = ratio * per_batch
         env = dict(os.environ, DDPO_TEST_REWARD_DELAY_S=f"{delay:.3f}")
-        with EmbeddedRewardServer(["test_slow_jpeg"], extra_rewards_modules=[EXTRA], env=env) as server:
+        with EmbeddedRewardServer(
+            ["test_slow_jpeg"],
+            extra_rewards_modules=[EXTRA],
+            env=env,
+            settings={"max_concurrent_batches": capacity},
+        ) as server:
             reward = {"name": "test_slow_jpeg", "transport": "http", "urls": [server.url]}
             sync_t = timing(reward, wrap_sync=True)
             async_t = timing(reward)
             stale_t = timing(reward, max_staleness=1)
         row = f"{ratio:>5.2f} {delay:>6.2f} | {cell(sync_t, 13)} | {cell(async_t, 14)} | {cell(stale_t, 16)}"
         if redis:
-            with redis_with_workers(1, delay, "loop") as url:  # one worker: the HTTP server's one scorer
+            with redis_with_workers(capacity, delay, "loop") as url:  # as many as the server's scorers
                 reward = {"name": "test_slow_jpeg", "transport": "redis", "redis_url": url}
                 redis_t = timing(reward)
                 redis_stale_t = timing(reward, max_staleness=1)
@@ -205,6 +214,14 @@ def main() -> None:
         default=0,
         help="train this many consecutive steps of each trajectory (sample.window_size; 0: every step)",
     )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=1,
+        help="batches the slow reward service scores at once (the HTTP server's max_concurrent_batches, "
+        "the number of Redis workers): 1 is throughput-bound at L > S; a VLM service sized for the "
+        "trainer has capacity >= L / S",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (median)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="L / S values")
     parser.add_argument(
@@ -231,6 +248,7 @@ def main() -> None:
                 args.repeats,
                 redis=not args.no_redis,
                 window_size=args.window_size,
+                capacity=args.capacity,
             )
     worker_scaling(args.workers, args.worker_delay, args.jobs)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
