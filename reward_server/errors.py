@@ -8,10 +8,13 @@ middleware, and reward_server/timeouts.py below the app).
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from typing import TYPE_CHECKING
 
 from shared.errors import check_code, is_retryable_status
 from shared.schemas import ErrorResponse
+
+if TYPE_CHECKING:  # the Redis worker imports this module and installs no web framework
+    from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
@@ -44,6 +47,8 @@ class ApiError(Exception):
 
 def error_response(err: ApiError) -> JSONResponse:
     """``err`` as its JSON ``ErrorResponse`` body, with its status and headers."""
+    from starlette.responses import JSONResponse
+
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
