@@ -249,8 +249,9 @@ class PromptConfig(_Section):
     heldout: list[str] | None = Field(
         None,
         description="Held-out prompts: never trained on, sampled and scored at every eval (the "
-        "generalization test). Default: the set's own held-out prompts ('digits': the held-out colour "
-        "pairs), none for the other sets. With set='digits' every prompt must use the digits vocabulary.",
+        "generalization test). Default: the set's own held-out prompts ('digits': the held-out (digit, "
+        "background) combinations), none for the other sets. With set='digits' every prompt must use "
+        "the digits vocabulary.",
     )
 
     @field_validator("heldout")

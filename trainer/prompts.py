@@ -4,7 +4,7 @@
 - ``imagenet_animals``: the 398 animal classes of ImageNet-1k (classes 0-397).
 - ``animal_activities``: "a(n) [animal] [activity]" for the common animals x three activities.
 - ``digits``: the digits world's training prompts, "a red seven on a blue background"
-  (``shared/digits.py``; its held-out colour pairs are the held-out prompts).
+  (``shared/digits.py``; its held-out (digit, background) combinations are the held-out prompts).
 - ``file``: one prompt per line from a user file (blank lines and ``#`` comments skipped).
 """
 

@@ -3,7 +3,7 @@
 It looks at a 32x32 RGB picture of shared/digits.py and names the digit, the stroke colour and the
 background colour; ``captioner_backend.py`` turns that into an answer sentence. It is trained here,
 in well under two minutes on two CPU cores, from the real scans of the ``train`` split rendered with
-every colour pair (held-out pairs included: the judge must know every colour), with augmentation
+every colour pair (the held-out prompts' combinations included: the judge must know them), with augmentation
 for what a small diffusion model and its VAE draw: shifts of up to 3 px, jittered colours, slight
 blur and pixel noise. Its accuracy is measured on the 360 ``test`` scans (never trained on) rendered
 with every colour pair, and stored next to the weights.
