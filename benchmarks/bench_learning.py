@@ -108,6 +108,7 @@ def run_one(
     curves: dict[str, list[list[float]]] = {name: [] for name in CURVES}
     curves["seconds"] = [[0, 0.0]]  # training wall-clock (sampling + reward wait + update, no evals)
     curves["update_seconds"] = [[0, 0.0]]  # the updates' share of it
+    curves["sampling_seconds"] = [[0, 0.0]]  # and sampling's (S per batch = its rate / batches)
     for m in trainer.run_folder.read_metrics():
         queries = (m["epoch"] + 1) * samples_per_epoch  # epoch -1 (the base model): 0 queries
         for name, key in CURVES.items():
@@ -117,6 +118,9 @@ def run_one(
             spent = m["time_sampling_s"] + m["time_reward_wait_s"] + m["time_training_s"]
             curves["seconds"].append([queries, curves["seconds"][-1][1] + spent])
             curves["update_seconds"].append([queries, curves["update_seconds"][-1][1] + m["time_training_s"]])
+            curves["sampling_seconds"].append(
+                [queries, curves["sampling_seconds"][-1][1] + m["time_sampling_s"]]
+            )
     return {
         "algorithm": algorithm,
         "label": args.label,
@@ -193,7 +197,7 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
     header = (
         f"{'algorithm':<20} {'seeds':>5} | {'train-prompt accuracy':^27} | {'held-out accuracy':^27} | "
         f"{'eval reward (train prompts)':^29} | {'diversity':^15} | "
-        f"{'queries':>7} | {'train s':>7} | {'update s':>8} | {'min/run':>7}"
+        f"{'queries':>7} | {'train s':>7} | {'sample s':>8} | {'update s':>8} | {'min/run':>7}"
     )
     lines = [f"reward queries per run: {queries}", header, "-" * len(header)]
     for algorithm, runs in results.items():
@@ -204,13 +208,13 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
         (b, _), (f, _) = summarize(runs, "diversity", 0), summarize(runs, "diversity", -1)
         cells.append(f"{b:.3f} -> {f:.3f}")
         minutes = np.mean([r["seconds"] for r in runs]) / 60
-        spent, updating = (
+        spent, sampling, updating = (
             np.mean([r["curves"][key][-1][1] for r in runs if key in r["curves"]] or [np.nan])
-            for key in ("seconds", "update_seconds")
+            for key in ("seconds", "sampling_seconds", "update_seconds")
         )
         used = np.mean([r["curves"]["train"][-1][0] for r in runs])
         lines.append(f"{algorithm:<20} {len(runs):>5} | {cells[0]:^27} | {cells[1]:^27} | {cells[2]:^29} | "
-                     f"{cells[3]:^15} | {used:7.0f} | {spent:7.0f} | {updating:8.0f} | "
+                     f"{cells[3]:^15} | {used:7.0f} | {spent:7.0f} | {sampling:8.0f} | {updating:8.0f} | "
                      f"{minutes:7.1f}")  # fmt: skip
     table = "\n".join(lines)
     print(table, flush=True)
