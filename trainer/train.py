@@ -236,7 +236,11 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         if self.tracker is not None and state.stat_tracker is not None:
             self.tracker.load_state_dict(state.stat_tracker)
-        if state.pending is not None:
+        if state.pending is not None and "final_latents" not in state.pending["samples"]:
+            # Saved before trajectories kept x_0 (c38b024): the pending epoch is sampled again,
+            # under the restored policy, so this run is no longer bit-identical to an unbroken one.
+            log.warning("%s: its pending epoch predates final_latents; sampling it again", checkpoint)
+        elif state.pending is not None:
             self._pending = self._restore_pending(state.pending)
         if self.ema is not None and state.ema is not None:
             self.ema = {k: v.to(self.policy.device) for k, v in state.ema.items()}
@@ -260,13 +264,17 @@ class Trainer:
             if self.run_folder is not None and history:
                 self.run_folder.save_before_after()
         finally:
-            if self.run_folder is not None:
-                self.run_folder.loggers.close()
-            if self._owns_reward_client:
-                self.reward_client.close()
-            for client in self.eval_reward_clients.values():
-                client.close()
+            self.close()
         return history
+
+    def close(self) -> None:
+        """Flush the loggers and close the reward clients this trainer opened (``run()`` does it)."""
+        if self.run_folder is not None:
+            self.run_folder.loggers.close()
+        if self._owns_reward_client:
+            self.reward_client.close()
+        for client in self.eval_reward_clients.values():
+            client.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -335,6 +343,7 @@ class Trainer:
             "time_sampling_s": t_sampled - t0,
             "time_reward_wait_s": t_rewarded - t_sampled,
             "time_training_s": t_trained - t_rewarded,
+            "time_epoch_s": t_trained - t0,  # the three above: an epoch without its eval and logging
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         # 5. Log, grid, checkpoint.

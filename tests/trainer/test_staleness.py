@@ -87,6 +87,28 @@ def test_without_the_pending_samples_resume_differs(make_tiny_config, tmp_path):
     assert any(not torch.equal(final[k], again[k]) for k in final)
 
 
+def test_a_pending_epoch_saved_without_final_latents_is_sampled_again(make_tiny_config, tmp_path, caplog):
+    """Checkpoints written before trajectories kept x_0 resume (with a warning), not crash."""
+    cfg = make_tiny_config(
+        train={"max_staleness": 1},
+        run={"num_epochs": 3, "save_every": 2, "eval_before_training": False, "eval_every": 100},
+    )
+    full = Trainer(cfg)
+    full.run()
+    copy = tmp_path / "copy"
+    shutil.copytree(full.run_folder.path, copy)
+    state_file = copy / "checkpoints" / "epoch_0002" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["pending"]["samples"]["final_latents"]
+    torch.save(state, state_file)
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        resumed = Trainer(
+            cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": str(state_file.parent)})})
+        )
+    assert resumed._pending is None and "predates final_latents" in caplog.text
+    assert [m["epoch"] for m in resumed.run()] == [2]
+
+
 def test_stale_samples_train_against_the_policy_at_the_start_of_their_update(make_tiny_config):
     """The proximal log-probs (computed while the rewards are outstanding) are those of the policy
     the update starts from, computed here independently at the update's start: not the sampling

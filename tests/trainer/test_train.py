@@ -181,9 +181,13 @@ def test_run_folder_contents(make_tiny_config):
         "time_sampling_s",
         "time_reward_wait_s",
         "time_training_s",
+        "time_epoch_s",
         "eval_reward_mean",
     }
     assert keys <= history[0].keys()
+    m = history[0]
+    parts = m["time_sampling_s"] + m["time_reward_wait_s"] + m["time_training_s"]
+    assert m["time_epoch_s"] == pytest.approx(parts)
     rows = [json.loads(x) for x in (folder / "samples/epoch_0001.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"prompt", "reward", "advantage", "details"} <= rows[0].keys()
     assert rows[0]["details"]["jpeg_kb"] == pytest.approx(-rows[0]["reward"])
