@@ -95,7 +95,7 @@ def train_prompts() -> list[str]:
 
 
 def heldout_prompts() -> list[str]:
-    """The 40 prompts never trained on (held-out colour pairs, every digit)."""
+    """The 40 prompts never trained on (the held-out (digit, background) combinations, every stroke)."""
     return [spec.prompt for spec in all_specs() if spec.heldout]
 
 

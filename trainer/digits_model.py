@@ -15,7 +15,8 @@ with the real diffusers/transformers classes, saved with ``save_pretrained``:
 
 Why a 4x4x4 latent: the policy gradient of a DDIM step is a zeroth-order estimate over that step's
 noise, whose dimension is the latent's size; with 16x16x4 (1,024 numbers) RL moved caption accuracy
-by about 3 points in 5,120 reward queries, with 8x8x4 by 5, with 4x4x4 by 20-30 (docs/learning.md).
+by about 3 points in 5,120 reward queries more than a no-update control, with 8x8x4 by 5, with
+4x4x4 by 18-21 (docs/learning.md).
 It also makes sampling a few times cheaper, and colours, a latent's mean, easy for the base.
 
 Held-out (digit, background) combinations are never shown (the RL generalization test). The recipe is seeded;
@@ -154,7 +155,8 @@ def build_components(recipe: DigitsRecipe):
         out_channels=4,
         block_out_channels=c,
         layers_per_block=1,
-        # Cross-attention from level `unet_attention_from` down (at 16x16 it triples the step time).
+        # Cross-attention from level `unet_attention_from` down (at a large level it dominates the
+        # step time: it tripled it at 16x16).
         down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (len(c) - plain),
         up_block_types=("CrossAttnUpBlock2D",) * (len(c) - plain) + ("UpBlock2D",) * plain,
         cross_attention_dim=recipe.text_width,
