@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +59,15 @@ with httpx.Client(timeout=10) as http:
         os.replace(out + ".tmp", out)
         time.sleep(0.01)
 """
+
+
+def as_remote_client() -> None:
+    """Lower the calling thread's CPU priority (nice 10): the test's attacking clients share the
+    server's 2 cores, where a real attacker would not. Without it, the slowest /healthz probes
+    waited for a core that the 100 client threads held (p95 72-138 ms, max 0.2-0.55 s, a profile of
+    the server showing its loop idle or runnable); with it, p95 14-19 ms and max 27-61 ms, while a
+    loop held by decoding on it (a deliberately broken copy) still shows 0.57-0.79 s."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 @pytest.fixture
@@ -161,6 +171,7 @@ def test_hostile_requests_stay_within_the_memory_budget(server, tmp_path):
                 shapes.append(("bad", request(f"bad-{i}", [bomb[:60] + "A" * 1000] * 4)))
 
         def send(shape):
+            as_remote_client()
             kind, payload = shape
             content = chunked(payload) if kind == "chunked" else payload
             try:
@@ -191,9 +202,9 @@ def test_hostile_requests_stay_within_the_memory_budget(server, tmp_path):
     assert any(s == 429 and e == "over_memory_budget" for _, s, e in results), statuses
     assert any(k == "bombs" and s == 200 for k, s, _ in results), statuses
     assert peak_single < BUDGET and peak < BUDGET
-    # The event loop never waits on parsing, hashing or decoding: p95 under 100 ms. The slowest probe
-    # also waits for CPU on this shared 2-core machine; a blocked loop would show seconds.
-    assert np.percentile(health, 95) < 0.1 and health.max() < 1.0
+    # The event loop never waits on parsing, hashing or decoding: p95 under 100 ms, and no probe
+    # near the 0.57-0.79 s of a loop that decodes the bombs itself.
+    assert np.percentile(health, 95) < 0.1 and health.max() < 0.3
     assert os.path.exists(f"/proc/{pid}")
 
 
@@ -271,6 +282,7 @@ def test_hostile_binary_requests_stay_within_the_memory_budget(server, tmp_path)
     cut = binary_request("cut", 8)
 
     def send(i: int):
+        as_remote_client()
         kind = i % 6
         if kind == 0:  # claims 256 x 2048x2048 (3.2 GB), sends 100 bytes
             head = lying_header([256, 2048, 2048, 3])
@@ -322,7 +334,7 @@ def test_hostile_binary_requests_stay_within_the_memory_budget(server, tmp_path)
     assert any(k == "valid" and s == 200 for k, s, _ in results)
     assert any(k == "valid" and s == 429 for k, s, _ in results)  # the budget, not the RAM, said no
     assert peak < BUDGET
-    assert np.percentile(health, 95) < 0.1 and health.max() < 1.0
+    assert np.percentile(health, 95) < 0.1 and health.max() < 0.3
     # Every reservation released, the hung-up requests' too.
     released = lambda: "ddpo_reward_inflight_bytes 0.0" in httpx.get(base + "/metrics", timeout=10).text  # noqa: E731
     wait_for(released, 10, "the memory budget to be all free")
