@@ -37,15 +37,20 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trainer.reward_api import RewardClient
+
 warnings.filterwarnings("ignore")
+
+TIME_BUDGET_EPOCHS = 100_000  # with --time-budget, only the budget ends a run
 
 CURVES = {
     "train": "eval_caption_accuracy",
@@ -76,7 +81,7 @@ def run_one(
         "run": {
             **overrides.get("run", {}),
             "seed": seed,
-            "num_epochs": args.epochs,
+            "num_epochs": TIME_BUDGET_EPOCHS if args.time_budget else args.epochs,
             "eval_every": args.eval_every,
             "eval_num_images": args.eval_prompts,
             "eval_images_per_prompt": args.eval_seeds,
@@ -114,9 +119,8 @@ def run_one(
         for name, key in CURVES.items():
             if key in m:
                 curves[name].append([queries, m[key]])
-        if "time_training_s" in m:
-            spent = m["time_sampling_s"] + m["time_reward_wait_s"] + m["time_training_s"]
-            curves["seconds"].append([queries, curves["seconds"][-1][1] + spent])
+        if "time_epoch_s" in m:
+            curves["seconds"].append([queries, curves["seconds"][-1][1] + m["time_epoch_s"]])
             curves["update_seconds"].append([queries, curves["update_seconds"][-1][1] + m["time_training_s"]])
             curves["sampling_seconds"].append(
                 [queries, curves["sampling_seconds"][-1][1] + m["time_sampling_s"]]
@@ -128,26 +132,33 @@ def run_one(
         "seconds": seconds,
         "curves": curves,
         "overrides": args.set,
+        "settings": run_settings(args),
     }
 
 
-class LatentRewardClient:
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a kept run was measured with: a rerun with other settings must not reuse it."""
+    keys = ("epochs", "eval_every", "eval_prompts", "eval_seeds", "transport", "reward_latency")
+    keys += ("time_budget",)
+    return {"overrides": list(args.set), **{key: getattr(args, key) for key in keys}}
+
+
+class LatentRewardClient(RewardClient):
     """A reward service with latency ``latency_s``: each batch's result arrives that long after it
     was submitted (or when scored, if later), batches in flight at once (a VLM service with
     capacity to spare: latency, not throughput, is what is slow)."""
 
-    def __init__(self, inner: Any, latency_s: float):
+    def __init__(self, inner: RewardClient, latency_s: float):
         self.inner, self.latency_s = inner, latency_s
 
-    def submit(self, images, prompts, metadata=None, request_id=None):
-        import threading
-        from concurrent.futures import Future
-
+    def submit(self, images, prompts, metadata=None, request_id=None) -> Future:
         due = time.monotonic() + self.latency_s
         delayed: Future = Future()
 
         def deliver(done: Future) -> None:
-            if done.exception() is not None:
+            if done.cancelled():
+                delayed.cancel()
+            elif done.exception() is not None:
                 delayed.set_exception(done.exception())
             else:
                 delayed.set_result(done.result())
@@ -170,17 +181,21 @@ def train_for(trainer: Any, budget_s: float) -> None:
     """``trainer.run()`` that stops after the epoch whose training time (sampling + reward wait +
     update, evals excluded) reaches ``budget_s``; the last epoch is evaluated."""
     folder = trainer.run_folder
-    folder.append_metrics({"epoch": -1, "global_step": 0, **trainer.evaluate("base")})
-    spent, epoch, last = 0.0, 0, {}
-    while spent < budget_s and epoch < trainer.cfg.run.num_epochs:
-        last = trainer.train_epoch(epoch)
-        spent += last["time_sampling_s"] + last["time_reward_wait_s"] + last["time_training_s"]
-        epoch += 1
-    if "eval_caption_accuracy" not in last:  # the budget ended between two evals
-        metrics = folder.read_metrics()
-        metrics[-1].update(trainer.evaluate(f"epoch_{epoch - 1:04d}"))
-        folder.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    folder.loggers.close()
+    try:
+        folder.append_metrics({"epoch": -1, "global_step": 0, **trainer.evaluate("base")})
+        spent, epoch, last = 0.0, 0, {}
+        while spent < budget_s:
+            if epoch == trainer.cfg.run.num_epochs:
+                raise RuntimeError(f"{epoch} epochs did not use the time budget of {budget_s} s")
+            last = trainer.train_epoch(epoch)
+            spent += last["time_epoch_s"]
+            epoch += 1
+        if "eval_caption_accuracy" not in last:  # the budget ended between two evals
+            metrics = folder.read_metrics()
+            metrics[-1].update(trainer.evaluate(f"epoch_{epoch - 1:04d}"))
+            folder.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    finally:
+        trainer.close()
 
 
 def run_name(algorithm: str, label: str) -> str:
@@ -205,8 +220,11 @@ def print_table(results: dict[str, list[dict[str, Any]]], queries: int) -> str:
         for name in ("train", "heldout", "reward"):
             (b, _), (f, fs) = summarize(runs, name, 0), summarize(runs, name, -1)
             cells.append(f"{b:.3f} -> {f:.3f} ± {fs:.3f}" + (" " * 2 if name != "reward" else ""))
-        (b, _), (f, _) = summarize(runs, "diversity", 0), summarize(runs, "diversity", -1)
-        cells.append(f"{b:.3f} -> {f:.3f}")
+        if all(r["curves"]["diversity"] for r in runs):
+            (b, _), (f, _) = summarize(runs, "diversity", 0), summarize(runs, "diversity", -1)
+            cells.append(f"{b:.3f} -> {f:.3f}")
+        else:  # --eval-seeds 1: one image per prompt, no diversity
+            cells.append("-")
         minutes = np.mean([r["seconds"] for r in runs]) / 60
         spent, sampling, updating = (
             np.mean([r["curves"][key][-1][1] for r in runs if key in r["curves"]] or [np.nan])
@@ -250,9 +268,14 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path, axis: str = "quer
         reward_vs_kl(results, axes[-1])
     for ax, (name, title) in zip(axes, panels, strict=False):
         for algorithm, runs in results.items():
-            points = min(len(r["curves"][name]) for r in runs)  # time budgets: runs may differ
-            x = np.mean([x_values(r, name, axis)[:points] for r in runs], axis=0)
-            y = np.array([[v for _, v in r["curves"][name][:points]] for r in runs])
+            # With a time budget runs end at different epochs, so have more or fewer evals: the
+            # first points are paired by eval, and every run's final eval with the others' finals.
+            points = min(len(r["curves"][name]) for r in runs)
+            if not points:
+                continue
+            keep = [[*range(points - 1), len(r["curves"][name]) - 1] for r in runs]
+            x = np.mean([x_values(r, name, axis)[k] for r, k in zip(runs, keep, strict=True)], axis=0)
+            y = np.array([[r["curves"][name][i][1] for i in k] for r, k in zip(runs, keep, strict=True)])
             mean, std = y.mean(0), y.std(0)
             ax.plot(x, mean, marker="o", markersize=3, label=f"{algorithm} ({len(runs)} seeds)")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
@@ -334,12 +357,19 @@ def main() -> None:
     if args.fresh:
         for old in runs_out.glob("*.json"):
             old.unlink()
-    todo = [
-        (algorithm, seed)
-        for algorithm in args.algorithms
-        for seed in args.seeds
-        if not (runs_out / f"{run_name(algorithm, args.label)}-seed{seed}.json").exists()
-    ]
+    todo = []
+    for algorithm in args.algorithms:
+        for seed in args.seeds:
+            kept = runs_out / f"{run_name(algorithm, args.label)}-seed{seed}.json"
+            if not kept.exists():
+                todo.append((algorithm, seed))
+                continue
+            settings = json.loads(kept.read_text()).get("settings")
+            if not args.report and settings is not None and settings != run_settings(args):
+                raise SystemExit(
+                    f"{kept} was measured with {settings}, not {run_settings(args)}: use another "
+                    "--label or --out, or --fresh to discard the kept runs"
+                )
     if not args.report and todo:
         resolve_pretrained("digits")  # build (or reuse) the shared base once, before the clock starts
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
