@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from reward_server.batching import Batcher, ShuttingDownError
-from reward_server.budget import DECODED_BYTES_PER_PIXEL, MemoryBudget, Reservation
+from reward_server.budget import DECODED_BYTES_PER_PIXEL, MemoryBudget, Reservation, limit_malloc_arenas
 from reward_server.errors import ApiError, QueueFullError
 from reward_server.idempotency import IdempotencyCache, fingerprint
 from reward_server.metrics import ServerMetrics
@@ -112,6 +112,7 @@ class RewardService:
         self.budget = MemoryBudget(
             settings.max_inflight_bytes, settings.retry_after_s, metrics.inflight_bytes
         )
+        limit_malloc_arenas()  # so that the process's RSS follows the budget
         self._inflight_requests = 0
         self._inflight_images = 0
 
