@@ -2,11 +2,13 @@
 outstanding, stale samples train with decoupled PPO, and a resumed run repeats an uninterrupted one."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from trainer.checkpoint import TRAINING_STATE
 from trainer.config import ConfigError, build_config
 from trainer.losses import ppo_clip_loss
 from trainer.train import Trainer
@@ -40,26 +42,33 @@ def test_staleness_is_refused_where_undefined(algorithm):
         )
 
 
-def test_pipelined_run_logs_staleness_and_resumes_exactly(make_tiny_config, tmp_path):
+def interrupted_run(make_tiny_config, tmp_path, num_epochs: int):
+    """A pipelined (staleness 1) run saved after epoch 2 -> (cfg, the run, its history, the epoch-2
+    checkpoint in a copy of its run folder: what a run interrupted there leaves)."""
     cfg = make_tiny_config(
         train={"max_staleness": 1},
-        run={"num_epochs": 4, "save_every": 2, "eval_before_training": False, "eval_every": 100},
+        run={"num_epochs": num_epochs, "save_every": 2, "eval_before_training": False, "eval_every": 100},
     )
     full = Trainer(cfg)
     history = full.run()
+    copy = tmp_path / "copy"
+    shutil.copytree(full.run_folder.path, copy)
+    return cfg, full, history, copy / "checkpoints" / "epoch_0002"
+
+
+def resumed_from(cfg, checkpoint: Path) -> Trainer:
+    return Trainer(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": str(checkpoint)})}))
+
+
+def test_pipelined_run_logs_staleness_and_resumes_exactly(make_tiny_config, tmp_path):
+    cfg, full, history, checkpoint = interrupted_run(make_tiny_config, tmp_path, num_epochs=4)
     assert [m["staleness"] for m in history] == [0, 1, 1, 1]
     # The stale epochs trained on decoupled PPO: the first ratio is no longer exactly 1 there.
     assert history[0]["first_ratio"] == 1.0
 
     # Interrupted after epoch 2 (its checkpoint holds epoch 2's samples, drawn before update 1),
     # resumed: the same weights as the uninterrupted run.
-    copy = tmp_path / "copy"
-    shutil.copytree(full.run_folder.path, copy)
-    resumed = Trainer(
-        cfg.model_copy(
-            update={"run": cfg.run.model_copy(update={"resume": str(copy / "checkpoints" / "epoch_0002")})}
-        )
-    )
+    resumed = resumed_from(cfg, checkpoint)
     assert resumed._pending is not None and resumed._pending.epoch == 2
     resumed.run()
     final, again = _weights(full), _weights(resumed)
@@ -68,19 +77,8 @@ def test_pipelined_run_logs_staleness_and_resumes_exactly(make_tiny_config, tmp_
 
 def test_without_the_pending_samples_resume_differs(make_tiny_config, tmp_path):
     """The check above can fail: dropping the checkpoint's pending epoch changes the result."""
-    cfg = make_tiny_config(
-        train={"max_staleness": 1},
-        run={"num_epochs": 3, "save_every": 2, "eval_before_training": False, "eval_every": 100},
-    )
-    full = Trainer(cfg)
-    full.run()
-    copy = tmp_path / "copy"
-    shutil.copytree(full.run_folder.path, copy)
-    resumed = Trainer(
-        cfg.model_copy(
-            update={"run": cfg.run.model_copy(update={"resume": str(copy / "checkpoints" / "epoch_0002")})}
-        )
-    )
+    cfg, full, _, checkpoint = interrupted_run(make_tiny_config, tmp_path, num_epochs=3)
+    resumed = resumed_from(cfg, checkpoint)
     resumed._pending = None  # sample epoch 2 afresh, with the updated policy
     resumed.run()
     final, again = _weights(full), _weights(resumed)
@@ -89,22 +87,12 @@ def test_without_the_pending_samples_resume_differs(make_tiny_config, tmp_path):
 
 def test_a_pending_epoch_saved_without_final_latents_is_sampled_again(make_tiny_config, tmp_path, caplog):
     """Checkpoints written before trajectories kept x_0 resume (with a warning), not crash."""
-    cfg = make_tiny_config(
-        train={"max_staleness": 1},
-        run={"num_epochs": 3, "save_every": 2, "eval_before_training": False, "eval_every": 100},
-    )
-    full = Trainer(cfg)
-    full.run()
-    copy = tmp_path / "copy"
-    shutil.copytree(full.run_folder.path, copy)
-    state_file = copy / "checkpoints" / "epoch_0002" / "training_state.pt"
-    state = torch.load(state_file, weights_only=False)
+    cfg, _, _, checkpoint = interrupted_run(make_tiny_config, tmp_path, num_epochs=3)
+    state = torch.load(checkpoint / TRAINING_STATE, weights_only=False)
     del state["pending"]["samples"]["final_latents"]
-    torch.save(state, state_file)
+    torch.save(state, checkpoint / TRAINING_STATE)
     with caplog.at_level("WARNING", logger="trainer.train"):
-        resumed = Trainer(
-            cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": str(state_file.parent)})})
-        )
+        resumed = resumed_from(cfg, checkpoint)
     assert resumed._pending is None and "predates final_latents" in caplog.text
     assert [m["epoch"] for m in resumed.run()] == [2]
 
