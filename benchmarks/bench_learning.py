@@ -138,8 +138,15 @@ def run_one(
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a kept run was measured with: a rerun with other settings must not reuse it."""
-    keys = ("epochs", "eval_every", "eval_prompts", "eval_seeds", "transport", "reward_latency")
-    keys += ("time_budget",)
+    keys = [
+        "epochs",
+        "eval_every",
+        "eval_prompts",
+        "eval_seeds",
+        "transport",
+        "reward_latency",
+        "time_budget",
+    ]
     return {"overrides": list(args.set), **{key: getattr(args, key) for key in keys}}
 
 

@@ -37,8 +37,8 @@ def limit_malloc_arenas() -> bool:
     glibc gives threads heaps of their own (up to 8 per core), and memory freed in one heap is
     reused only by its threads: bodies read on the event loop and images decoded in worker threads
     each kept their own peak, and the process's RSS outgrew the budget that bounds what is live at
-    once (100 hostile requests, 256 MiB budget: +186-279 MiB; with 2 heaps +150-195 MiB, at the
-    same throughput). Once per process, before the server's threads start; False where there is no
+    once (100 hostile requests, 256 MiB budget: +186-279 MiB; with 2 heaps +141-231 MiB over 10 runs,
+    at the same throughput). Once per process, before the server's threads start; False where there is no
     glibc (the budget still counts, RSS then follows it less closely).
     """
     try:

@@ -66,7 +66,7 @@ def as_remote_client() -> None:
     server's 2 cores, where a real attacker would not. Without it, the slowest /healthz probes
     waited for a core that the 100 client threads held (p95 72-138 ms, max 0.2-0.55 s, a profile of
     the server showing its loop idle or runnable); with it, p95 14-19 ms and max 27-61 ms, while a
-    loop held by decoding on it (a deliberately broken copy) still shows 0.57-0.79 s."""
+    loop held by decoding on it (a deliberately broken copy) still shows 0.25-0.79 s."""
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
@@ -241,7 +241,8 @@ def test_hostile_requests_stay_within_the_memory_budget(server, tmp_path):
     assert {s for k, s, _ in results if k == "bombs"} <= {200, 429}, statuses
     assert peak_single < BUDGET and peak < BUDGET
     # The event loop never waits on parsing, hashing or decoding: p95 under 100 ms, and no probe
-    # near the 0.57-0.79 s of a loop that decodes the bombs itself.
+    # near the 0.25-0.79 s of a loop that decodes the bombs itself (0.3 s catches most such runs;
+    # the rest broke the RSS bound).
     assert np.percentile(health, 95) < 0.1 and health.max() < 0.3
     assert os.path.exists(f"/proc/{pid}")
 
